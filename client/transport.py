@@ -1,0 +1,125 @@
+"""Producing requests and awaiting their replies over Kafka.
+
+The client reads its reply topic without a consumer group (explicit assignment, starting at the
+end), so any number of clients can share ``og.replies`` without rebalancing one another, and
+routes each reply to the waiter of its request id. Duplicate replies (after a worker crash) are
+dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
+from pydantic import TypeAdapter
+
+from infra.kafka import KafkaSettings
+from schemas.codec import encode
+from schemas.requests import InferenceRequest
+from schemas.results import ErrorReply, InferenceResult, Reply
+from schemas.topics import HEADER_SCHEMA_VERSION, Topics
+from schemas.version import SCHEMA_VERSION
+
+__all__ = ["InferenceClient", "ReplyTimeout"]
+
+log = logging.getLogger(__name__)
+_REPLY: TypeAdapter[InferenceResult | ErrorReply] = TypeAdapter(Reply)
+
+
+class ReplyTimeout(TimeoutError):
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        super().__init__(f"no reply to {request_id} within {timeout_s} s")
+        self.request_id = request_id
+
+
+class InferenceClient:
+    def __init__(
+        self, kafka: KafkaSettings, topics: Topics | None = None, reply_to: str | None = None
+    ) -> None:
+        self._kafka = kafka
+        self.topics = topics or Topics()
+        self.reply_to = reply_to or self.topics.replies
+        self._producer = AIOKafkaProducer(**kafka.producer_kwargs())
+        self._consumer = AIOKafkaConsumer(**kafka.consumer_kwargs(None))
+        self._waiters: dict[str, asyncio.Future[InferenceResult | ErrorReply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> InferenceClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._consumer.start()
+        await self._consumer.topics()  # loads metadata so partitions are known
+        partitions = self._consumer.partitions_for_topic(self.reply_to)
+        if not partitions:
+            raise RuntimeError(f"reply topic {self.reply_to} does not exist")
+        tps = [TopicPartition(self.reply_to, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve positions now: replies produced from here on are seen
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._consumer.stop()
+        await self._producer.stop()
+
+    async def send(self, request: InferenceRequest) -> asyncio.Future[InferenceResult | ErrorReply]:
+        """Produce a request (acknowledged by the broker); return a future for its reply."""
+        if request.reply_to not in (None, self.reply_to):
+            raise ValueError("request names a reply topic this client does not read")
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        request_to_send = (
+            request if request.reply_to else request.model_copy(update={"reply_to": self.reply_to})
+        )
+        await self._producer.send_and_wait(
+            self.topics.infer(request.model),
+            encode(request_to_send),
+            key=request.request_id.encode(),
+            headers=[(HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())],
+        )
+        return future
+
+    async def request(
+        self, request: InferenceRequest, timeout_s: float = 30.0
+    ) -> InferenceResult | ErrorReply:
+        future = await self.send(request)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError as e:
+            raise ReplyTimeout(request.request_id, timeout_s) from e
+        finally:
+            self._waiters.pop(request.request_id, None)
+
+    async def _read(self) -> None:
+        while True:
+            batches: dict[Any, list[Any]] = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for msg in records:
+                    self._dispatch(msg.value)
+
+    def _dispatch(self, raw: bytes | None) -> None:
+        try:
+            reply = _REPLY.validate_json(raw or b"")
+        except ValueError:
+            log.warning("undecodable reply ignored")
+            return
+        future = self._waiters.get(reply.request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)

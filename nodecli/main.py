@@ -1,0 +1,262 @@
+"""``inference-node``: one entry point, one subcommand per job.
+
+Exit codes: 0 success; 1 a check failed (error reply, verification failure, timeout);
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+__all__ = ["main"]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str, code: int = 2) -> int:
+    sys.stderr.write(f"inference-node: {message}\n")
+    return code
+
+
+# -- services -------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.app import serve
+    from worker.logs import configure_logging
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings, args.ready_file))
+    return 0
+
+
+def cmd_settlement(args: argparse.Namespace) -> int:
+    from settlement.settings import SettlementSettings
+
+    settings = SettlementSettings()
+    if args.action == "run":
+        from settlement.app import serve
+        from worker.logs import configure_logging
+
+        configure_logging(settings.log_level)
+        asyncio.run(serve(settings, args.ready_file))
+        return 0
+    from settlement.ledger import SqliteLedger
+
+    ledger = SqliteLedger(settings.ledger_path)
+    try:
+        if args.action == "status":
+            _print_json({"records": ledger.count(), "rejections": ledger.rejection_counts()})
+            return 0
+        rows = ledger.get(args.request_id)
+        _print_json(rows)
+        return 0 if rows else 1
+    finally:
+        ledger.close()
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from nodecli.stack import StackConfig, stack_down, stack_status, stack_up
+
+    cfg = StackConfig(state_dir=args.state_dir, port=args.port, namespace=args.namespace)
+    if args.action == "up":
+        _print_json(stack_up(cfg))
+    elif args.action == "down":
+        _print_json(stack_down(cfg))
+    else:
+        status = stack_status(cfg)
+        _print_json(status)
+        return 0 if all(v.get("ready") for v in status.values() if isinstance(v, dict)) else 1
+    return 0
+
+
+# -- clients --------------------------------------------------------------------------------
+
+
+def _read_json_arg(value: str) -> Any:
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    return json.loads(text)
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    from client import ClientSettings, InferenceClient, ReplyTimeout, build_request, parse_payload
+    from client.verify import verify_result
+    from schemas.codec import encode
+    from schemas.results import InferenceResult
+    from schemas.topics import Topics
+
+    settings = ClientSettings()
+    if args.bootstrap:
+        settings.kafka.bootstrap_servers = args.bootstrap
+    try:
+        if args.example:
+            from worker.models.local_hub import LocalHub
+
+            raw_payload = LocalHub(args.hub_dir).resolve(args.model).example_input
+        else:
+            raw_payload = _read_json_arg(args.input)
+        payload = parse_payload(raw_payload)
+        request = build_request(
+            args.model,
+            payload,
+            deadline_s=args.deadline_s,
+            payer=args.payer,
+            reply_to=settings.reply_to,
+        )
+    except (OSError, KeyError, ValueError, ValidationError) as e:
+        detail = e.error_count() if isinstance(e, ValidationError) else type(e).__name__
+        return _fail(f"invalid request input ({detail})")
+    if args.save_request:
+        args.save_request.write_bytes(encode(request))
+
+    async def go() -> Any:
+        async with InferenceClient(
+            settings.kafka, Topics(settings.namespace), settings.reply_to
+        ) as c:
+            return await c.request(request, timeout_s=args.timeout_s or settings.timeout_s)
+
+    try:
+        reply = asyncio.run(go())
+    except ReplyTimeout as e:
+        return _fail(str(e), 1)
+    _print_json(reply.model_dump(mode="json"))
+    if not isinstance(reply, InferenceResult):
+        return 1
+    report = verify_result(reply, request)
+    if not report.ok:
+        sys.stderr.write(json.dumps(report.as_dict()) + "\n")
+        return _fail("reply failed verification", 1)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from client.verify import verify_result
+    from schemas.requests import InferenceRequest
+    from schemas.results import InferenceResult
+
+    try:
+        result = InferenceResult.model_validate_json(args.reply.read_bytes())
+        request = (
+            InferenceRequest.model_validate_json(args.request.read_bytes())
+            if args.request
+            else None
+        )
+    except (OSError, ValidationError) as e:
+        return _fail(f"cannot read input: {type(e).__name__}", 1)
+    report = verify_result(result, request)
+    _print_json(report.as_dict())
+    print("verified" if report.ok else "NOT VERIFIED")
+    return 0 if report.ok else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from worker.models.demo import build_demo_hub
+    from worker.models.local_hub import LocalHub
+
+    if args.action == "build-demo":
+        index = build_demo_hub(args.hub_dir, force=args.force)
+    else:
+        index = LocalHub(args.hub_dir).index()
+    _print_json(
+        [
+            {k: v for k, v in m.model_dump(mode="json").items() if k != "example_input"}
+            for m in index.models
+        ]
+    )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from worker.app import node_signer
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    _print_json({"node_id": node_signer(settings).node_id})
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inference-node", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run an inference worker (settings: OG_WORKER_*)")
+    w.add_argument("--ready-file", type=Path)
+    w.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("settlement", help="run or inspect the settlement service (OG_SETTLEMENT_*)")
+    s.add_argument("action", nargs="?", choices=["run", "status", "show"], default="run")
+    s.add_argument("request_id", nargs="?")
+    s.add_argument("--ready-file", type=Path)
+    s.set_defaults(func=cmd_settlement)
+
+    st = sub.add_parser("stack", help="local development stack")
+    st.add_argument("action", choices=["up", "down", "status"])
+    st.add_argument("--state-dir", type=Path, default=Path("var"))
+    st.add_argument("--port", type=int, default=9092)
+    st.add_argument("--namespace", default="og")
+    st.set_defaults(func=cmd_stack)
+
+    r = sub.add_parser("request", help="send one request, print its reply (OG_CLIENT_*)")
+    r.add_argument("--model", required=True)
+    source = r.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="payload JSON, or @FILE")
+    source.add_argument("--example", action="store_true", help="the model's bundled example")
+    r.add_argument("--hub-dir", type=Path, default=Path("var/hub"))
+    r.add_argument("--bootstrap", help="Kafka bootstrap servers (default OG_CLIENT_KAFKA__...)")
+    r.add_argument("--timeout-s", type=float)
+    r.add_argument("--deadline-s", type=float)
+    r.add_argument("--payer")
+    r.add_argument("--save-request", type=Path, help="also write the request sent to FILE")
+    r.set_defaults(func=cmd_request)
+
+    v = sub.add_parser("verify", help="verify a reply offline")
+    v.add_argument("reply", type=Path)
+    v.add_argument("--request", type=Path, help="the request sent, to check the input hash")
+    v.set_defaults(func=cmd_verify)
+
+    m = sub.add_parser("models", help="model hub")
+    m.add_argument("action", choices=["build-demo", "list"])
+    m.add_argument("--hub-dir", type=Path, default=Path("var/hub"))
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    k = sub.add_parser("keys", help="node keys")
+    k.add_argument("action", choices=["show"])
+    k.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "settlement" and args.action == "show" and not args.request_id:
+        return _fail("settlement show needs a request id")
+    try:
+        return int(args.func(args))
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in e.errors(include_input=False, include_url=False)
+        ]
+        return _fail("invalid settings:\n" + "\n".join(lines))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""JSON Schema export of every wire message, for producers in other languages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from schemas.requests import InferenceRequest
+from schemas.results import Reply
+from schemas.settlement import SettlementRecord
+
+__all__ = ["all_schemas"]
+
+
+def all_schemas() -> dict[str, dict[str, Any]]:
+    """Message name -> JSON Schema (draft 2020-12, as pydantic emits it)."""
+    return {
+        "InferenceRequest": InferenceRequest.model_json_schema(),
+        "Reply": TypeAdapter(Reply).json_schema(),
+        "SettlementRecord": SettlementRecord.model_json_schema(),
+    }

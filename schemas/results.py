@@ -1,0 +1,113 @@
+"""Replies on the reply topic: a signed result or a typed error. Kafka key: ``request_id``.
+
+Every request gets exactly one terminal reply (a redelivery after a crash may repeat it with the
+same ``request_id``; clients drop the copy).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from schemas import limits
+from schemas.base import Hex32, Hex64, ModelName, RequestId, UnixMs, VerificationMode, WireModel
+from schemas.canonical import sha256_hex
+from schemas.requests import Tensor, TensorName
+from schemas.version import SCHEMA_VERSION
+
+__all__ = [
+    "ChatOutput",
+    "ErrorCode",
+    "ErrorReply",
+    "InferenceResult",
+    "MLOutput",
+    "Output",
+    "Reply",
+    "ResultEnvelope",
+    "Usage",
+    "output_hash",
+]
+
+
+class Usage(WireModel):
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+
+
+class ChatOutput(WireModel):
+    kind: Literal["chat"] = "chat"
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+class MLOutput(WireModel):
+    kind: Literal["ml"] = "ml"
+    tensors: dict[TensorName, Tensor]
+
+
+Output = Annotated[ChatOutput | MLOutput, Field(discriminator="kind")]
+
+
+class ResultEnvelope(WireModel):
+    """The fields a node signs. It carries hashes, never the prompt or the output itself, so it
+    can travel to settlement and on chain without revealing user data."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: RequestId
+    model_id: ModelName
+    model_digest: Hex32
+    mode: VerificationMode
+    input_hash: Hex32
+    output_hash: Hex32
+    usage: Usage
+    payer: RequestId | None = None
+    node_id: Hex32
+    signed_unix_ms: UnixMs
+
+
+class InferenceResult(WireModel):
+    """A successful answer: the output plus the signed envelope that commits to it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    type: Literal["result"] = "result"
+    request_id: RequestId
+    envelope: ResultEnvelope
+    signature: Hex64
+    output: Output
+
+
+class ErrorCode(StrEnum):
+    """What went wrong, by what the client should do about it."""
+
+    BAD_REQUEST = "bad_request"
+    """The message is not a valid request; do not retry unchanged."""
+    UNKNOWN_MODEL = "unknown_model"
+    UNSUPPORTED_MODE = "unsupported_mode"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    PROVIDER_ERROR = "provider_error"
+    INTERNAL = "internal"
+    """The node failed; retrying later may succeed."""
+
+
+class ErrorReply(WireModel):
+    """A typed error. ``message`` never contains user data (prompts, outputs, inputs)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    type: Literal["error"] = "error"
+    request_id: RequestId
+    model: str = Field(max_length=limits.MAX_ID_CHARS)
+    code: ErrorCode
+    message: str = Field(max_length=limits.MAX_ERROR_MESSAGE_CHARS)
+    retryable: bool = False
+    node_id: Hex32 | None = None
+    created_unix_ms: UnixMs
+
+
+Reply = Annotated[InferenceResult | ErrorReply, Field(discriminator="type")]
+
+
+def output_hash(output: ChatOutput | MLOutput) -> str:
+    """``output_hash``: hex sha256 of the RFC 8785 form of the output the client receives."""
+    return sha256_hex(output)

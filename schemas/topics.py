@@ -1,0 +1,82 @@
+"""Topic names and Kafka header names: one place, used by every service and client.
+
+All topics live under a namespace (default ``og``) so that several networks or test runs can
+share one cluster without seeing each other's traffic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "HEADER_ATTEMPTS",
+    "HEADER_ORIGINAL_OFFSET",
+    "HEADER_ORIGINAL_PARTITION",
+    "HEADER_ORIGINAL_TOPIC",
+    "HEADER_REASON",
+    "HEADER_SCHEMA_VERSION",
+    "HEADER_TRACEPARENT",
+    "MODEL_NAME_PATTERN",
+    "TOPIC_NAME_PATTERN",
+    "Topics",
+]
+
+DEFAULT_NAMESPACE: Final = "og"
+MODEL_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+TOPIC_NAME_PATTERN: Final = r"^[A-Za-z0-9._-]{1,249}$"
+
+HEADER_SCHEMA_VERSION: Final = "og-schema-version"
+HEADER_TRACEPARENT: Final = "traceparent"
+HEADER_REASON: Final = "og-reason"
+HEADER_ORIGINAL_TOPIC: Final = "og-original-topic"
+HEADER_ORIGINAL_PARTITION: Final = "og-original-partition"
+HEADER_ORIGINAL_OFFSET: Final = "og-original-offset"
+HEADER_ATTEMPTS: Final = "og-attempts"
+
+_MODEL_RE = re.compile(MODEL_NAME_PATTERN)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names of one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.namespace):
+            raise ValueError("namespace must be 1-64 characters of [A-Za-z0-9_-]")
+
+    def infer(self, model: str) -> str:
+        """Request topic of one model: ``<ns>.infer.<model>``."""
+        if not _MODEL_RE.match(model):
+            raise ValueError("model name must match " + MODEL_NAME_PATTERN)
+        return f"{self.namespace}.infer.{model}"
+
+    @property
+    def infer_prefix(self) -> str:
+        return f"{self.namespace}.infer."
+
+    def model_of(self, topic: str) -> str | None:
+        """The model named by a request topic, or None for any other topic."""
+        if topic.startswith(self.infer_prefix):
+            return topic[len(self.infer_prefix) :]
+        return None
+
+    @property
+    def replies(self) -> str:
+        return f"{self.namespace}.replies"
+
+    @property
+    def settlement(self) -> str:
+        return f"{self.namespace}.settlement"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.namespace}.dlq"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.namespace}.registry"

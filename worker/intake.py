@@ -1,0 +1,278 @@
+"""Consumption with an in-flight window per partition and ordered commits.
+
+Why not faststream's subscriber: its ``max_workers`` gives concurrency across partitions only
+(or commits before processing). Here each partition keeps up to ``window`` requests in flight,
+they finish in any order (so a batching engine sees many at once), and the committed offset of
+a partition only ever advances over a contiguous run of answered offsets. A crash therefore
+re-delivers at most the window, never skips a request.
+
+Bounded memory: a partition is paused when its window is full, and ``getmany`` never asks for
+more records than the global in-flight cap has room for.
+
+Lifecycle: ``run()`` until ``stop()``; then fetching stops, in-flight work drains within
+``drain_timeout_s``, finished offsets are committed, and the consumer leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import-untyped]
+
+from schemas.codec import Decoded, decode
+from schemas.requests import InferenceRequest
+from schemas.results import ErrorCode
+from schemas.topics import Topics
+from worker.pipeline import Outcome, Pipeline
+from worker.publish import Publisher
+
+__all__ = ["Intake", "IntakeConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    window_per_partition: int = 64
+    max_in_flight: int = 256
+    commit_interval_s: float = 0.1
+    drain_timeout_s: float = 20.0
+    revoke_timeout_s: float = 10.0
+    dedupe_window: int = 10_000
+
+
+@dataclass
+class _Partition:
+    """In-flight bookkeeping of one assigned partition."""
+
+    window: asyncio.Semaphore
+    order: deque[int] = field(default_factory=deque)
+    done: set[int] = field(default_factory=set)
+    tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    committable: int | None = None
+    committed: int | None = None
+    paused: bool = False
+
+    def complete(self, offset: int) -> None:
+        self.done.add(offset)
+        while self.order and self.order[0] in self.done:
+            head = self.order.popleft()
+            self.done.discard(head)
+            self.committable = head + 1
+
+
+class Intake:
+    def __init__(
+        self,
+        consumer: Any,
+        publisher: Publisher,
+        pipeline: Pipeline,
+        topics: Topics,
+        config: IntakeConfig,
+    ) -> None:
+        self._consumer = consumer
+        self._publisher = publisher
+        self._pipeline = pipeline
+        self._topics = topics
+        self._config = config
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._in_flight = 0
+        self._progress = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self.max_concurrency_seen = 0
+        self._running = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        intake = self
+
+        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                await intake._on_revoked(set(revoked))
+
+            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                intake._on_assigned(set(assigned))
+
+        return _Listener()
+
+    def stop(self) -> None:
+        """Ask ``run`` to stop fetching and drain; safe to call from a signal handler."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        committer = asyncio.create_task(self._commit_loop())
+        try:
+            while not self._stopping.is_set():
+                self._apply_backpressure()
+                room = self._config.max_in_flight - self._in_flight
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=max(room, 1))
+                for tp, records in batches.items():
+                    for record in records:
+                        self._admit(tp, record)
+        finally:
+            await self._drain()
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+            await self._commit(list(self._parts))
+
+    # -- window ------------------------------------------------------------------------------
+
+    def _admit(self, tp: TopicPartition, record: Any) -> None:
+        part = self._parts.get(tp)
+        if part is None:  # a record fetched just before its partition was revoked
+            return
+        part.order.append(record.offset)
+        self._in_flight += 1
+        task = asyncio.create_task(self._process(tp, part, record))
+        part.tasks[record.offset] = task
+
+    def _apply_backpressure(self) -> None:
+        global_full = self._in_flight >= self._config.max_in_flight
+        for tp, part in self._parts.items():
+            full = global_full or len(part.tasks) >= self._config.window_per_partition
+            if full and not part.paused:
+                self._consumer.pause(tp)
+                part.paused = True
+            elif not full and part.paused:
+                self._consumer.resume(tp)
+                part.paused = False
+
+    async def _process(self, tp: TopicPartition, part: _Partition, record: Any) -> None:
+        try:
+            async with part.window:
+                self._running += 1
+                self.max_concurrency_seen = max(self.max_concurrency_seen, self._running)
+                try:
+                    await self._handle(tp, record)
+                finally:
+                    self._running -= 1
+        except asyncio.CancelledError:
+            # Abandoned on revocation or shutdown: not marked done, so never committed; the
+            # next owner of the partition answers it.
+            raise
+        except Exception as e:
+            # Publishing failed after retries inside the producer. Leave the offset uncommitted
+            # and stop: a restart redelivers it rather than this worker silently skipping it.
+            log.critical(
+                "publish failed; stopping for redelivery", extra={"error": type(e).__name__}
+            )
+            self.stop()
+        else:
+            part.complete(record.offset)
+        finally:
+            part.tasks.pop(record.offset, None)
+            self._in_flight -= 1
+            self._progress.set()
+
+    async def _handle(self, tp: TopicPartition, record: Any) -> None:
+        headers = list(record.headers or ())
+        decoded = decode(record.value, InferenceRequest)
+        if not isinstance(decoded, Decoded):
+            if decoded.request_id is not None:
+                reply = self._pipeline.error(
+                    decoded.request_id,
+                    self._topics.model_of(tp.topic) or "",
+                    ErrorCode.BAD_REQUEST,
+                    decoded.reason,
+                )
+                await self._publisher.publish_outcome(Outcome(reply), decoded.reply_to, headers)
+            else:
+                await self._publisher.dead_letter(
+                    record.value,
+                    decoded.reason,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=record.offset,
+                    attempts=1,
+                    request_headers=headers,
+                )
+            return
+        request = decoded.message
+        topic_model = self._topics.model_of(tp.topic)
+        if request.request_id in self._recent:
+            log.info("duplicate request dropped", extra={"request_id": request.request_id})
+            return
+        if topic_model is not None and topic_model != request.model:
+            outcome = Outcome(
+                self._pipeline.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"request for another model arrived on the topic of {topic_model}",
+                )
+            )
+        else:
+            outcome = await self._pipeline.handle(request)
+        await self._publisher.publish_outcome(outcome, request.reply_to, headers)
+        self._remember(request.request_id)
+
+    def _remember(self, request_id: str) -> None:
+        if self._config.dedupe_window == 0:
+            return
+        self._recent[request_id] = None
+        if len(self._recent) > self._config.dedupe_window:
+            self._recent.popitem(last=False)
+
+    # -- commits and rebalances --------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.commit_interval_s)
+            await self._commit(list(self._parts))
+
+    async def _commit(self, tps: list[TopicPartition]) -> None:
+        offsets = {}
+        for tp in tps:
+            part = self._parts.get(tp)
+            if part and part.committable is not None and part.committable != part.committed:
+                offsets[tp] = part.committable
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as e:
+            # The group rebalanced under us; the new owner re-delivers from the last commit.
+            log.warning("commit failed", extra={"error": type(e).__name__})
+            return
+        for tp, offset in offsets.items():
+            if tp in self._parts:
+                self._parts[tp].committed = offset
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self._parts[tp] = _Partition(
+                window=asyncio.Semaphore(self._config.window_per_partition)
+            )
+        log.info("partitions assigned", extra={"partitions": sorted(str(tp) for tp in assigned)})
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        tasks = [
+            task for tp in revoked if tp in self._parts for task in self._parts[tp].tasks.values()
+        ]
+        await self._finish(tasks, self._config.revoke_timeout_s)
+        await self._commit([tp for tp in revoked if tp in self._parts])
+        for tp in revoked:
+            self._parts.pop(tp, None)
+
+    async def _drain(self) -> None:
+        tasks = [task for part in self._parts.values() for task in part.tasks.values()]
+        await self._finish(tasks, self._config.drain_timeout_s)
+
+    @staticmethod
+    async def _finish(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

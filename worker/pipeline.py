@@ -1,0 +1,159 @@
+"""Execute → hash → sign. Knows nothing about Kafka: it maps a request to the reply and the
+settlement record to publish, and is tested without a broker.
+
+Expected rejections (unknown model, deadline passed, bad input) are returned as ``ErrorReply``
+values, not raised: every request ends in exactly one ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from schemas.base import VerificationMode
+from schemas.requests import InferenceRequest, input_hash
+from schemas.results import ErrorCode, ErrorReply, InferenceResult, ResultEnvelope, output_hash
+from schemas.settlement import SettlementRecord
+from worker.engines.base import Engine, EngineResult
+from worker.errors import PermanentError, RetryableError, WorkerError
+from worker.trust.signer import Signer
+
+__all__ = ["Outcome", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to publish for one request: always a reply; a settlement record on success."""
+
+    reply: InferenceResult | ErrorReply
+    record: SettlementRecord | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        signer: Signer,
+        *,
+        retries: int = 2,
+        retry_backoff_s: float = 0.1,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._engines = engines
+        self._signer = signer
+        self._retries = retries
+        self._backoff_s = retry_backoff_s
+        self._clock_ms = clock_ms
+
+    @property
+    def node_id(self) -> str:
+        return self._signer.node_id
+
+    def error(
+        self,
+        request_id: str,
+        model: str,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool = False,
+    ) -> ErrorReply:
+        return ErrorReply(
+            request_id=request_id,
+            model=model[:128],
+            code=code,
+            message=message[:512],
+            retryable=retryable,
+            node_id=self._signer.node_id,
+            created_unix_ms=self._clock_ms(),
+        )
+
+    async def handle(self, request: InferenceRequest) -> Outcome:
+        engine = self._engines.get(request.model)
+        if engine is None:
+            return Outcome(
+                self.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.UNKNOWN_MODEL,
+                    "this node does not serve the model",
+                )
+            )
+        if request.mode is not VerificationMode.VANILLA:
+            return Outcome(
+                self.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.UNSUPPORTED_MODE,
+                    f"mode {request.mode.value} is not available on this node",
+                )
+            )
+        if request.deadline_unix_ms is not None and self._clock_ms() >= request.deadline_unix_ms:
+            return Outcome(
+                self.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "deadline passed before execution",
+                )
+            )
+        try:
+            result = await self._run_with_retries(engine, request)
+        except WorkerError as e:
+            return Outcome(
+                self.error(
+                    request.request_id, request.model, e.code, e.message, retryable=e.retryable
+                )
+            )
+        return self._sign(request, engine, result)
+
+    async def _run_with_retries(self, engine: Engine, request: InferenceRequest) -> EngineResult:
+        attempt = 0
+        while True:
+            try:
+                return await engine.run(request.payload)
+            except PermanentError:
+                raise
+            except RetryableError:
+                if attempt >= self._retries:
+                    raise
+            except Exception as e:
+                # Never log the exception text: runtimes echo inputs in their messages.
+                log.error(
+                    "engine failure",
+                    extra={"request_id": request.request_id, "error_type": type(e).__name__},
+                )
+                raise RetryableError("internal engine error", code=ErrorCode.INTERNAL) from e
+            attempt += 1
+            await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+
+    def _sign(self, request: InferenceRequest, engine: Engine, result: EngineResult) -> Outcome:
+        envelope = ResultEnvelope(
+            request_id=request.request_id,
+            model_id=request.model,
+            model_digest=engine.model_digest,
+            mode=request.mode,
+            input_hash=input_hash(request.payload),
+            output_hash=output_hash(result.output),
+            usage=result.usage,
+            payer=request.payer,
+            node_id=self._signer.node_id,
+            signed_unix_ms=self._clock_ms(),
+        )
+        signature = self._signer.sign_envelope(envelope)
+        reply = InferenceResult(
+            request_id=request.request_id,
+            envelope=envelope,
+            signature=signature,
+            output=result.output,
+        )
+        return Outcome(reply, SettlementRecord(envelope=envelope, signature=signature))

@@ -1,0 +1,60 @@
+"""Worker settings, validated once at start-up (env prefix ``OG_WORKER_``, nested ``__``).
+
+Example: ``OG_WORKER_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 OG_WORKER_MODELS='["demo-mlp"]'``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.kafka import KafkaSettings
+from schemas.topics import DEFAULT_NAMESPACE, Topics
+
+__all__ = ["WorkerSettings"]
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OG_WORKER_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    namespace: str = DEFAULT_NAMESPACE
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    group_id: str = "og-workers"
+    models: list[str] = Field(default_factory=lambda: ["demo-mlp", "demo-lm"], min_length=1)
+    hub_dir: Path = Path("var/hub")
+    cache_dir: Path = Path("var/cache")
+    key_dir: Path = Path("var/keys")
+    node_key: SecretStr | None = Field(
+        default=None, description="hex ed25519 seed; when unset a key file in key_dir is used"
+    )
+    dlq_public_key: str | None = Field(
+        default=None,
+        description="hex X25519 key that DLQ payloads are sealed to; default: key_dir/dlq",
+    )
+    window_per_partition: int = Field(default=64, ge=1, le=4096)
+    max_in_flight: int = Field(default=256, ge=1, le=65_536)
+    commit_interval_ms: int = Field(default=100, ge=10)
+    drain_timeout_s: float = Field(default=20.0, gt=0)
+    revoke_timeout_s: float = Field(default=10.0, gt=0)
+    engine_retries: int = Field(default=2, ge=0, le=10)
+    engine_retry_backoff_ms: int = Field(default=100, ge=0)
+    dedupe_window: int = Field(default=10_000, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        topics = Topics()
+        for name in value:
+            topics.infer(name)
+        if len(set(value)) != len(value):
+            raise ValueError("models must be unique")
+        return value
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.namespace)
