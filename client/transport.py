@@ -79,12 +79,19 @@ class InferenceClient:
         await self._consumer.stop()
         await self._producer.stop()
 
+    def expect(self, request_id: str) -> asyncio.Future[InferenceResult | ErrorReply]:
+        """A future for the reply to ``request_id``, for a request produced some other way."""
+        future = self._waiters.get(request_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters[request_id] = future
+        return future
+
     async def send(self, request: InferenceRequest) -> asyncio.Future[InferenceResult | ErrorReply]:
         """Produce a request (acknowledged by the broker); return a future for its reply."""
         if request.reply_to not in (None, self.reply_to):
             raise ValueError("request names a reply topic this client does not read")
-        future = asyncio.get_running_loop().create_future()
-        self._waiters[request.request_id] = future
+        future = self.expect(request.request_id)
         request_to_send = (
             request if request.reply_to else request.model_copy(update={"reply_to": self.reply_to})
         )

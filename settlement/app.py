@@ -31,6 +31,7 @@ class SettlementService:
         self.ledger: SqliteLedger | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
+        self.seen = 0
         self.stored = 0
         self.rejected = 0
 
@@ -74,6 +75,7 @@ class SettlementService:
             offsets[tp] = records[-1].offset + 1
         inserted = await asyncio.to_thread(self.ledger.store, accepted, rejected)
         await self._consumer.commit(offsets)
+        self.seen += len(accepted) + len(rejected)
         self.stored += inserted
         self.rejected += len(rejected)
         log.info(

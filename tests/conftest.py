@@ -1,0 +1,29 @@
+"""Fixtures shared by every tier: the demo model hub and the real Kafka-API broker.
+
+The broker is a real Tansu process started by the test session itself on a free port; each
+test that needs topics gets its own namespace, so tests never see each other's messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.broker import BrokerProcess, running_broker
+from worker.models.demo import build_demo_hub
+
+
+@pytest.fixture(scope="session")
+def demo_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hub directory holding the two demo models, built once per test session."""
+    root = tmp_path_factory.mktemp("demo-hub")
+    build_demo_hub(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    with running_broker(log_dir=tmp_path_factory.mktemp("broker")) as proc:
+        yield proc

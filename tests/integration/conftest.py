@@ -1,0 +1,79 @@
+"""Real-broker fixtures: a fresh namespace of topics per test, in-process worker and
+settlement services wired exactly as the CLI wires them."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from infra.broker import BrokerProcess
+from infra.topics import ensure_topics, standard_topics
+from settlement.app import SettlementService
+from settlement.settings import SettlementSettings
+from tests.support import fast_kafka
+from worker.app import Worker
+from worker.settings import WorkerSettings
+
+MODELS = ["demo-mlp", "demo-lm"]
+
+
+@pytest.fixture
+async def namespace(broker: BrokerProcess) -> str:
+    ns = "t" + uuid.uuid4().hex[:12]
+    await ensure_topics(broker.bootstrap, standard_topics(ns, MODELS))
+    return ns
+
+
+@pytest.fixture
+def worker_settings(
+    broker: BrokerProcess, namespace: str, demo_hub: Path, tmp_path: Path
+) -> WorkerSettings:
+    return WorkerSettings(
+        namespace=namespace,
+        kafka=fast_kafka(broker.bootstrap),
+        group_id=f"{namespace}-workers",
+        models=MODELS,
+        hub_dir=demo_hub,
+        cache_dir=tmp_path / "cache",
+        key_dir=tmp_path / "keys",
+    )
+
+
+@pytest.fixture
+def settlement_settings(
+    broker: BrokerProcess, namespace: str, tmp_path: Path
+) -> SettlementSettings:
+    return SettlementSettings(
+        namespace=namespace,
+        kafka=fast_kafka(broker.bootstrap),
+        group_id=f"{namespace}-settlement",
+        ledger_path=tmp_path / "ledger.sqlite3",
+    )
+
+
+@pytest.fixture
+async def running_worker(worker_settings: WorkerSettings) -> AsyncIterator[Worker]:
+    worker = Worker(worker_settings)
+    await worker.setup()
+    task = asyncio.create_task(worker.run())
+    yield worker
+    worker.stop()
+    await asyncio.wait_for(task, 30)
+    await worker.close()
+
+
+@pytest.fixture
+async def running_settlement(
+    settlement_settings: SettlementSettings,
+) -> AsyncIterator[SettlementService]:
+    service = SettlementService(settlement_settings)
+    await service.setup()
+    task = asyncio.create_task(service.run())
+    yield service
+    service.stop()
+    await asyncio.wait_for(task, 30)
+    await service.close()

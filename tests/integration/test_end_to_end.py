@@ -1,0 +1,80 @@
+"""The whole path on the real broker: requests → worker → signed replies + settlement ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from client import InferenceClient, build_request, verify_result
+from infra.broker import BrokerProcess
+from schemas import ChatInput, ChatMessage, InferenceResult, MLInput, SamplingParams, Tensor, Topics
+from settlement.app import SettlementService
+from tests.support import eventually, fast_kafka, read_topic
+from worker.app import Worker
+
+pytestmark = pytest.mark.kafka
+
+N_PER_MODEL = 100
+
+
+def _ml(i: int) -> MLInput:
+    row = [i / 10, -i / 20, 1.0, float(i % 7)]
+    return MLInput(tensors={"x": Tensor(dtype="float32", shape=[1, 4], data=row)})
+
+
+def _chat(i: int) -> ChatInput:
+    return ChatInput(
+        messages=[ChatMessage(role="user", content=f"request number {i}")],
+        params=SamplingParams(max_tokens=6, temperature=0.8, seed=i),
+    )
+
+
+async def test_200_requests_answered_once_signed_and_settled_once(
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    running_settlement: SettlementService,
+) -> None:
+    topics = Topics(namespace)
+    requests = [build_request("demo-mlp", _ml(i)) for i in range(N_PER_MODEL)]
+    requests += [build_request("demo-lm", _chat(i)) for i in range(N_PER_MODEL)]
+
+    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+        futures = [await client.send(r) for r in requests]
+        replies = await asyncio.wait_for(asyncio.gather(*futures), 120)
+
+    by_id = {r.request_id: r for r in requests}
+    for reply in replies:
+        assert isinstance(reply, InferenceResult), reply
+        report = verify_result(
+            reply, by_id[reply.request_id], expected_node_ids={running_worker.signer.node_id}
+        )
+        assert report.ok, report.as_dict()
+
+    # Exactly once on the reply topic: read it back raw.
+    raw_replies = await read_topic(broker.bootstrap, topics.replies)
+    counts = Counter(m.key.decode() for m in raw_replies)
+    assert set(counts) == set(by_id)
+    assert set(counts.values()) == {1}
+
+    ledger = running_settlement.ledger
+    assert ledger is not None
+    await eventually(lambda: ledger.count() == 2 * N_PER_MODEL)
+
+    # Redeliver every settlement record: the ledger must not grow.
+    records = await read_topic(broker.bootstrap, topics.settlement)
+    assert len(records) == 2 * N_PER_MODEL
+    producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
+    await producer.start()
+    try:
+        for m in records:
+            await producer.send(topics.settlement, m.value, key=m.key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    await eventually(lambda: running_settlement.seen == 4 * N_PER_MODEL)
+    assert ledger.count() == 2 * N_PER_MODEL
+    assert running_settlement.rejected == 0
