@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -28,6 +28,9 @@ _TOPIC_RE = re.compile(TOPIC_NAME_PATTERN)
 @dataclass(frozen=True)
 class Decoded(Generic[M]):
     message: M
+    document: dict[str, Any]
+    """The JSON object as received, before defaults were applied: hashes that must be
+    reproducible by the producer are taken over this, not over the normalised model."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
     if not isinstance(obj, dict):
         return Undecodable(f"JSON {type(obj).__name__} where an object was expected")
     try:
-        return Decoded(model.model_validate_json(raw))
+        return Decoded(model.model_validate_json(raw), obj)
     except ValidationError as e:
         request_id = obj.get("request_id")
         reply_to = obj.get("reply_to")

@@ -7,7 +7,7 @@ Two payload kinds share one request envelope, discriminated by ``payload.kind``:
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
@@ -32,7 +32,9 @@ __all__ = [
 TensorDType = Literal["float32", "float64", "int32", "int64", "bool", "string"]
 _FLOAT_DTYPES = {"float32", "float64"}
 _INT_DTYPES = {"int32", "int64"}
-_INT_RANGE = {"int32": 2**31, "int64": 2**63}
+# int64 elements are limited to the exactly representable JSON range (I-JSON, RFC 7493), so
+# that every implementation canonicalises them to the same digits.
+_INT_RANGE = {"int32": 2**31, "int64": 2**53}
 TensorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")]
 
 
@@ -130,6 +132,11 @@ class InferenceRequest(WireModel):
     payload: Payload
 
 
-def input_hash(payload: ChatInput | MLInput) -> str:
-    """``input_hash``: hex sha256 of the RFC 8785 form of the request payload."""
+def input_hash(payload: ChatInput | MLInput | dict[str, Any]) -> str:
+    """``input_hash``: hex sha256 of the RFC 8785 form of the request's ``payload`` object.
+
+    Workers hash the payload object exactly as it arrived (a dict), so a producer that omits
+    optional fields can recompute the hash from what it sent; for a model instance the hash
+    is over its full JSON form, which is what the client library sends.
+    """
     return sha256_hex(payload)

@@ -211,7 +211,7 @@ class Intake:
                 )
             )
         else:
-            outcome = await self._pipeline.handle(request)
+            outcome = await self._pipeline.handle(request, decoded.document["payload"])
         await self._publisher.publish_outcome(outcome, request.reply_to, headers)
         self._remember(request.request_id)
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from schemas.base import VerificationMode
 from schemas.requests import InferenceRequest, input_hash
@@ -77,7 +78,11 @@ class Pipeline:
             created_unix_ms=self._clock_ms(),
         )
 
-    async def handle(self, request: InferenceRequest) -> Outcome:
+    async def handle(
+        self, request: InferenceRequest, payload_document: dict[str, Any] | None = None
+    ) -> Outcome:
+        """Run one request. ``payload_document`` is the payload object as received (see
+        ``schemas.requests.input_hash``); without it the normalised payload is hashed."""
         engine = self._engines.get(request.model)
         if engine is None:
             return Outcome(
@@ -114,7 +119,7 @@ class Pipeline:
                     request.request_id, request.model, e.code, e.message, retryable=e.retryable
                 )
             )
-        return self._sign(request, engine, result)
+        return self._sign(request, engine, result, payload_document)
 
     async def _run_with_retries(self, engine: Engine, request: InferenceRequest) -> EngineResult:
         attempt = 0
@@ -136,13 +141,21 @@ class Pipeline:
             attempt += 1
             await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
 
-    def _sign(self, request: InferenceRequest, engine: Engine, result: EngineResult) -> Outcome:
+    def _sign(
+        self,
+        request: InferenceRequest,
+        engine: Engine,
+        result: EngineResult,
+        payload_document: dict[str, Any] | None,
+    ) -> Outcome:
         envelope = ResultEnvelope(
             request_id=request.request_id,
             model_id=request.model,
             model_digest=engine.model_digest,
             mode=request.mode,
-            input_hash=input_hash(request.payload),
+            input_hash=input_hash(
+                request.payload if payload_document is None else payload_document
+            ),
             output_hash=output_hash(result.output),
             usage=result.usage,
             payer=request.payer,

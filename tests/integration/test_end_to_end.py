@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections import Counter
 
 import pytest
+import rfc8785
 from aiokafka import AIOKafkaProducer
 
 from client import InferenceClient, build_request, verify_result
@@ -78,3 +81,31 @@ async def test_200_requests_answered_once_signed_and_settled_once(
     await eventually(lambda: running_settlement.seen == 4 * N_PER_MODEL)
     assert ledger.count() == 2 * N_PER_MODEL
     assert running_settlement.rejected == 0
+
+
+async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
+    broker: BrokerProcess, namespace: str, running_worker: Worker
+) -> None:
+    """A producer that omits every optional field can still verify its input hash."""
+    topics = Topics(namespace)
+    payload = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    raw = {
+        "schema_version": 1,
+        "request_id": "minimal-1",
+        "model": "demo-lm",
+        "created_unix_ms": 0,
+        "reply_to": topics.replies,
+        "payload": payload,
+    }
+    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+        waiter = client.expect("minimal-1")
+        producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.infer("demo-lm"), json.dumps(raw).encode())
+        finally:
+            await producer.stop()
+        reply = await asyncio.wait_for(waiter, 30)
+    assert isinstance(reply, InferenceResult)
+    expected = hashlib.sha256(rfc8785.dumps(payload)).hexdigest()
+    assert reply.envelope.input_hash == expected

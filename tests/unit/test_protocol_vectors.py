@@ -1,0 +1,61 @@
+"""The protocol test vectors, recomputed from first principles (sha256, RFC 8785, ed25519) and
+checked against our implementation, so PROTOCOL.md, the vectors and the code agree."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+from nacl.signing import SigningKey, VerifyKey
+
+from client.verify import verify_result
+from schemas import InferenceRequest, InferenceResult
+
+VECTORS = json.loads(
+    (Path(__file__).parents[2] / "docs" / "vectors" / "results-v1.json").read_text()
+)["vectors"]
+DOMAIN = b"og-inference-node/result-envelope/v1"
+
+
+def _h(value: Any) -> str:
+    return hashlib.sha256(rfc8785.dumps(value)).hexdigest()
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_vector_from_first_principles(v: dict[str, Any]) -> None:
+    request, result = v["request"], v["result"]
+    envelope = result["envelope"]
+    assert rfc8785.dumps(request["payload"]).decode() == v["canonical_payload"]
+    assert _h(request["payload"]) == v["input_hash"] == envelope["input_hash"]
+    assert rfc8785.dumps(result["output"]).decode() == v["canonical_output"]
+    assert _h(result["output"]) == v["output_hash"] == envelope["output_hash"]
+    assert rfc8785.dumps(envelope).decode() == v["canonical_envelope"]
+    digest = hashlib.sha256(DOMAIN + b"\x00" + rfc8785.dumps(envelope)).digest()
+    assert digest.hex() == v["signing_digest_hex"]
+    key = SigningKey(bytes.fromhex(v["ed25519_seed_hex"]))
+    assert key.verify_key.encode().hex() == v["node_id"] == envelope["node_id"]
+    assert key.sign(digest).signature.hex() == v["signature"] == result["signature"]
+    VerifyKey(bytes.fromhex(envelope["node_id"])).verify(digest, bytes.fromhex(v["signature"]))
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_vector_verifies_with_our_code(v: dict[str, Any]) -> None:
+    result = InferenceResult.model_validate(v["result"])
+    request = InferenceRequest.model_validate(v["request"])
+    assert verify_result(result, request).ok
+
+
+def test_input_hash_is_over_the_payload_as_sent() -> None:
+    """A producer omitting optional fields must be able to recompute input_hash."""
+    from schemas.requests import input_hash
+
+    sent = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    parsed = InferenceRequest.model_validate(
+        {"request_id": "r", "model": "demo-lm", "created_unix_ms": 0, "payload": sent}
+    ).payload
+    assert input_hash(sent) == _h(sent)
+    assert input_hash(parsed) != input_hash(sent)  # defaults change the canonical form
