@@ -114,6 +114,7 @@ class Worker:
             await self._producer.stop()
         for engine in self.engines.values():
             await engine.close()
+        log.info("worker stopped")
 
 
 async def serve(settings: WorkerSettings, ready_file: Path | None = None) -> None:

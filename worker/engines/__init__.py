@@ -24,4 +24,8 @@ async def load_engine(ref: ModelRef, path: Path) -> Engine:
         from worker.engines.hf import HFCausalLMEngine
 
         return await HFCausalLMEngine.load(ref, path)
+    if ref.format is ModelFormat.FIXED_LATENCY:
+        from worker.engines.fixed import FixedLatencyEngine
+
+        return await FixedLatencyEngine.load(ref, path)
     raise ValueError(f"model {ref.name}: no engine for format {ref.format}")

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from worker.models.local_hub import INDEX_FILE, sha256_file
 from worker.models.refs import HubIndex, ModelFormat, ModelRef
 
-__all__ = ["DEMO_LM", "DEMO_MLP", "build_demo_hub"]
+__all__ = ["DEMO_LM", "DEMO_MLP", "add_fixed_latency_model", "add_model", "build_demo_hub"]
 
 DEMO_MLP = "demo-mlp"
 DEMO_LM = "demo-lm"
@@ -77,6 +77,60 @@ def build_demo_hub(root: Path, *, force: bool = False) -> HubIndex:
     text = json.dumps(index.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
     _atomic_write(root / INDEX_FILE, text.encode())
     return index
+
+
+def add_model(
+    root: Path,
+    name: str,
+    model_format: ModelFormat,
+    data: bytes,
+    example_input: dict[str, Any],
+    *,
+    version: str = "1",
+    description: str = "",
+) -> ModelRef:
+    """Publish one artifact into a local hub (replacing a model of the same name)."""
+    root = Path(root)
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    uri = f"blobs/{name}-{version}.{_EXTENSIONS[model_format]}"
+    path = root / uri
+    _atomic_write(path, data)
+    ref = ModelRef(
+        name=name,
+        version=version,
+        format=model_format,
+        digest=sha256_file(path),
+        size_bytes=len(data),
+        uri=uri,
+        example_input=example_input,
+        description=description,
+    )
+    existing = _read_index(root)
+    others = [r for r in existing.models if r.name != name] if existing is not None else []
+    index = HubIndex(models=sorted([*others, ref], key=lambda r: r.name))
+    text = json.dumps(index.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    _atomic_write(root / INDEX_FILE, text.encode())
+    return ref
+
+
+def add_fixed_latency_model(root: Path, name: str, latency_ms: float) -> ModelRef:
+    """A ``fixed-latency`` model (see ``ModelFormat.FIXED_LATENCY``) for benches and tests."""
+    data = json.dumps({"latency_ms": latency_ms}).encode()
+    return add_model(
+        root,
+        name,
+        ModelFormat.FIXED_LATENCY,
+        data,
+        _MLP_EXAMPLE,
+        description=f"echo after {latency_ms} ms",
+    )
+
+
+_EXTENSIONS = {
+    ModelFormat.ONNX: "onnx",
+    ModelFormat.HF_CAUSAL_LM: "tar",
+    ModelFormat.FIXED_LATENCY: "json",
+}
 
 
 def _read_index(root: Path) -> HubIndex | None:

@@ -63,6 +63,8 @@ class LocalHub:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if ref.format is ModelFormat.ONNX:
             return self._materialize_file(ref, cache_dir / f"{ref.digest}.onnx")
+        if ref.format is ModelFormat.FIXED_LATENCY:
+            return self._materialize_file(ref, cache_dir / f"{ref.digest}.json")
         return self._materialize_tar(ref, cache_dir / ref.digest)
 
     def _materialize_file(self, ref: ModelRef, target: Path) -> Path:

@@ -26,6 +26,9 @@ class ModelFormat(StrEnum):
     """A single ``.onnx`` file, run by ONNX Runtime."""
     HF_CAUSAL_LM = "hf-causal-lm"
     """A tar of a ``save_pretrained`` directory (model + tokenizer), run by transformers."""
+    FIXED_LATENCY = "fixed-latency"
+    """A JSON file ``{"latency_ms": N}``: echoes its ML input after N ms. For benchmarks and
+    intake tests, where the engine's cost must be known exactly."""
 
 
 class ModelRef(BaseModel):
