@@ -188,6 +188,33 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from nacl.public import PrivateKey
+
+    from nodecli.dlq import list_dlq, replay_dlq
+    from worker.settings import WorkerSettings
+    from worker.trust.keys import load_or_create_seed
+
+    settings = WorkerSettings()
+    if args.bootstrap:
+        settings.kafka.bootstrap_servers = args.bootstrap
+    if args.action == "list":
+        for entry in asyncio.run(list_dlq(settings.kafka, settings.topics)):
+            sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
+        return 0
+    key_path = settings.key_dir / "dlq_x25519.key"
+    if not key_path.exists():
+        return _fail(f"no DLQ private key at {key_path}")
+    key = PrivateKey(load_or_create_seed(key_path))
+    offsets = None if args.all else set(args.offset)
+    if offsets is not None and not offsets:
+        return _fail("dlq replay needs --offset N (repeatable) or --all")
+    results = asyncio.run(replay_dlq(settings.kafka, settings.topics, key, offsets))
+    for line in results:
+        sys.stdout.write(json.dumps(line, sort_keys=True) + "\n")
+    return 0 if all(r["replayed"] for r in results) else 1
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -235,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hub-dir", type=Path, default=Path("var/hub"))
     m.add_argument("--force", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("dlq", help="list or replay dead letters (OG_WORKER_* settings)")
+    d.add_argument("action", choices=["list", "replay"])
+    d.add_argument("--offset", type=int, action="append", default=[], help="DLQ offset to replay")
+    d.add_argument("--all", action="store_true", help="replay every entry")
+    d.add_argument("--bootstrap")
+    d.set_defaults(func=cmd_dlq)
 
     k = sub.add_parser("keys", help="node keys")
     k.add_argument("action", choices=["show"])

@@ -28,7 +28,7 @@ from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import
 from schemas.codec import Decoded, decode
 from schemas.requests import InferenceRequest
 from schemas.results import ErrorCode
-from schemas.topics import Topics
+from schemas.topics import HEADER_ATTEMPTS, Topics
 from worker.pipeline import Outcome, Pipeline
 from worker.publish import Publisher
 
@@ -65,6 +65,17 @@ class _Partition:
             head = self.order.popleft()
             self.done.discard(head)
             self.committable = head + 1
+
+
+def _attempts(headers: list[tuple[str, bytes]]) -> int:
+    """Earlier attempts recorded by a DLQ replay (``og-attempts``), 0 for a fresh message."""
+    for key, value in headers:
+        if key == HEADER_ATTEMPTS:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return 0
+    return 0
 
 
 class Intake:
@@ -192,7 +203,7 @@ class Intake:
                     topic=tp.topic,
                     partition=tp.partition,
                     offset=record.offset,
-                    attempts=1,
+                    attempts=_attempts(headers) + 1,
                     request_headers=headers,
                 )
             return

@@ -108,3 +108,43 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
         entry = json.loads(message.value)
         assert CANARY.encode() in box.decrypt(bytes.fromhex(entry["sealed_payload_hex"]))
     assert sorted(reasons) == ["JSON list where an object was expected", "not UTF-8 JSON"]
+
+
+async def test_dlq_list_and_replay_carry_attempts_forward(
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    worker_settings: WorkerSettings,
+) -> None:
+    from nodecli.dlq import list_dlq, replay_dlq
+
+    topics = Topics(namespace)
+    kafka = fast_kafka(broker.bootstrap)
+    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.infer("demo-mlp"), f"{{broken {CANARY}".encode())
+    finally:
+        await producer.stop()
+
+    entries: list[dict[str, object]] = []
+
+    async def dlq_has(n: int) -> bool:
+        entries[:] = await list_dlq(kafka, topics)
+        return len(entries) == n
+
+    await eventually(lambda: dlq_has(1))
+    assert entries[0]["attempts"] == 1 and entries[0]["reason"] == "not UTF-8 JSON"
+    assert "sealed_payload_hex" not in entries[0]
+    assert CANARY not in json.dumps(entries)
+
+    wrong_key = await replay_dlq(kafka, topics, PrivateKey.generate(), None)
+    assert wrong_key == [{"dlq_offset": 0, "replayed": False, "why": "wrong key"}]
+
+    key = PrivateKey(load_or_create_seed(worker_settings.key_dir / "dlq_x25519.key"))
+    replayed = await replay_dlq(kafka, topics, key, {0})
+    assert replayed == [{"dlq_offset": 0, "replayed": True, "to": topics.infer("demo-mlp")}]
+    # Still broken, so it comes back, now on its second attempt.
+    await eventually(lambda: dlq_has(2))
+    assert entries[1]["attempts"] == 2
+    assert entries[1]["sha256"] == entries[0]["sha256"]
