@@ -8,6 +8,7 @@ topic), so the worker can send a typed error instead of dead-lettering when poss
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -48,12 +49,53 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode()
 
 
-def summarize_validation_error(error: ValidationError, max_items: int = 5) -> str:
-    """Field paths and error types only; pydantic's own message would echo the input."""
+_FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def _safe_loc_part(part: int | str, known: frozenset[str]) -> str:
+    # Dict keys (tensor names) and unknown field names are submitted text: never echo them.
+    if isinstance(part, int) or part in known:
+        return str(part)
+    return "*"
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """Every property name and discriminator tag in the model's schema (no user data)."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "properties" and isinstance(value, dict):
+                    names.update(value)
+                if key == "const" and isinstance(value, str):
+                    names.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(model.model_json_schema())
+    # pydantic names union members by their tag or type in error locations.
+    names.update({"function-after", "list", "dict", "str", "int", "float", "bool", "none"})
+    return frozenset(n for n in names if _FIELD_NAME_RE.match(n) or "-" in n)
+
+
+def summarize_validation_error(
+    error: ValidationError, model: type[BaseModel] | None = None, max_items: int = 5
+) -> str:
+    """Field paths and error types only; pydantic's own message would echo the input, and
+    path parts that are not field names of ``model`` (dict keys) are masked as ``*``."""
+    known = _field_names(model) if model is not None else frozenset()
     parts = []
     for item in error.errors(include_input=False, include_url=False)[:max_items]:
-        loc = ".".join(str(p) for p in item["loc"]) or "<root>"
-        parts.append(f"{loc}: {item['type']}")
+        loc = ".".join(_safe_loc_part(p, known) for p in item["loc"]) or "<root>"
+        if item["type"] == "value_error":
+            # Raised by our own validators, whose messages name shapes and types, not values.
+            parts.append(f"{loc}: {item['msg'].removeprefix('Value error, ')[:160]}")
+        else:
+            parts.append(f"{loc}: {item['type']}")
     more = error.error_count() - max_items
     if more > 0:
         parts.append(f"... {more} more")
@@ -73,12 +115,14 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
     if not isinstance(obj, dict):
         return Undecodable(f"JSON {type(obj).__name__} where an object was expected")
     try:
-        return Decoded(model.model_validate_json(raw), obj)
+        # One parse: validate the object json.loads produced (NaN/Infinity, which json.loads
+        # accepts, are refused by the models' allow_inf_nan=False).
+        return Decoded(model.model_validate(obj), obj)
     except ValidationError as e:
         request_id = obj.get("request_id")
         reply_to = obj.get("reply_to")
         return Undecodable(
-            summarize_validation_error(e),
+            summarize_validation_error(e, model),
             request_id=request_id
             if isinstance(request_id, str) and _REQUEST_ID_RE.match(request_id)
             else None,

@@ -32,9 +32,10 @@ __all__ = [
 TensorDType = Literal["float32", "float64", "int32", "int64", "bool", "string"]
 _FLOAT_DTYPES = {"float32", "float64"}
 _INT_DTYPES = {"int32", "int64"}
-# int64 elements are limited to the exactly representable JSON range (I-JSON, RFC 7493), so
-# that every implementation canonicalises them to the same digits.
-_INT_RANGE = {"int32": 2**31, "int64": 2**53}
+# JSON integers are limited to the exactly representable range (I-JSON, RFC 7493): RFC 8785
+# cannot canonicalise anything larger, and every implementation must hash the same digits.
+MAX_SAFE_INT = 2**53 - 1
+_INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "int64": (-MAX_SAFE_INT, MAX_SAFE_INT)}
 TensorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")]
 
 
@@ -63,10 +64,12 @@ def _fits(dtype: str, value: bool | int | float | str) -> bool:
     if isinstance(value, bool):
         return False
     if dtype in _FLOAT_DTYPES:
-        return isinstance(value, int | float)
+        return isinstance(value, float) or (
+            isinstance(value, int) and -MAX_SAFE_INT <= value <= MAX_SAFE_INT
+        )
     if dtype in _INT_DTYPES:
-        bound = _INT_RANGE[dtype]
-        return isinstance(value, int) and -bound <= value < bound
+        low, high = _INT_RANGE[dtype]
+        return isinstance(value, int) and low <= value <= high
     return isinstance(value, str) and len(value) <= limits.MAX_STRING_ELEMENT_CHARS
 
 

@@ -84,12 +84,14 @@ class SqliteLedger:
         try:
             before = self._db.total_changes
             self._db.executemany(
-                "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (request_id, node_id) DO NOTHING", rows
             )
             inserted = self._db.total_changes - before
             self._db.executemany(
-                "INSERT OR IGNORE INTO rejections (reason, detail, request_id, node_id, raw_sha256,"
-                ' topic, partition, "offset", received_unix_ms) VALUES (?,?,?,?,?,?,?,?,?)',
+                "INSERT INTO rejections (reason, detail, request_id, node_id, raw_sha256,"
+                ' topic, partition, "offset", received_unix_ms) VALUES (?,?,?,?,?,?,?,?,?)'
+                ' ON CONFLICT (topic, partition, "offset") DO NOTHING',
                 [
                     (
                         rej.reason,

@@ -222,9 +222,25 @@ class Intake:
                 )
             )
         else:
-            outcome = await self._pipeline.handle(request, decoded.document["payload"])
+            outcome = await self._run_pipeline(request, decoded.document["payload"])
         await self._publisher.publish_outcome(outcome, request.reply_to, headers)
         self._remember(request.request_id)
+
+    async def _run_pipeline(self, request: InferenceRequest, payload: Any) -> Outcome:
+        try:
+            return await self._pipeline.handle(request, payload)
+        except Exception as e:
+            # A bug in our own code must still end in an answer, not a stalled partition.
+            log.exception("pipeline failure", extra={"request_id": request.request_id})
+            return Outcome(
+                self._pipeline.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.INTERNAL,
+                    f"internal error ({type(e).__name__})",
+                    retryable=True,
+                )
+            )
 
     def _remember(self, request_id: str) -> None:
         if self._config.dedupe_window == 0:

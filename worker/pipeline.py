@@ -119,7 +119,19 @@ class Pipeline:
                     request.request_id, request.model, e.code, e.message, retryable=e.retryable
                 )
             )
-        return self._sign(request, engine, result, payload_document)
+        try:
+            return self._sign(request, engine, result, payload_document)
+        except ValueError:
+            # Canonicalisation refused a value (e.g. an integer outside the I-JSON range that
+            # an engine echoed): answer, never crash the intake over one request.
+            return Outcome(
+                self.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.BAD_REQUEST,
+                    "request or output cannot be canonicalised (RFC 8785)",
+                )
+            )
 
     async def _run_with_retries(self, engine: Engine, request: InferenceRequest) -> EngineResult:
         attempt = 0

@@ -1,0 +1,315 @@
+"""The pipeline (execute → hash → sign) without a broker: in-test engines for the failure paths,
+the real demo ONNX model where a real model matters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.base import VerificationMode
+from schemas.requests import ChatInput, ChatMessage, InferenceRequest, MLInput, Tensor, input_hash
+from schemas.results import (
+    ChatOutput,
+    ErrorCode,
+    ErrorReply,
+    InferenceResult,
+    MLOutput,
+    Usage,
+    output_hash,
+)
+from schemas.settlement import SettlementRecord
+from schemas.signing import verify_envelope_signature
+from worker.engines import Engine, EngineResult, load_engine
+from worker.errors import PermanentError, RetryableError
+from worker.models.local_hub import LocalHub
+from worker.pipeline import Outcome, Pipeline
+from worker.trust.signer import Signer
+
+NOW_MS = 1_700_000_000_000
+DIGEST = "ab" * 32
+SECRET = "secret prompt text"
+SIGNER = Signer(bytes(32))
+
+OUTPUT = ChatOutput(text="hello back", finish_reason="stop")
+USAGE = Usage(input_tokens=7, output_tokens=3)
+
+
+class ScriptedEngine:
+    """An ``Engine`` that raises the scripted exceptions in turn, then answers ``result``."""
+
+    def __init__(
+        self,
+        failures: list[BaseException] | Callable[[], BaseException] | None = None,
+        result: EngineResult | None = None,
+        name: str = "demo-lm",
+    ) -> None:
+        self._failures = [] if failures is None else failures
+        self._result = result or EngineResult(output=OUTPUT, usage=USAGE)
+        self._name = name
+        self.calls: list[ChatInput | MLInput] = []
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def model_digest(self) -> str:
+        return DIGEST
+
+    async def run(self, payload: ChatInput | MLInput) -> EngineResult:
+        self.calls.append(payload)
+        if callable(self._failures):
+            raise self._failures()
+        if len(self.calls) <= len(self._failures):
+            raise self._failures[len(self.calls) - 1]
+        return self._result
+
+    async def close(self) -> None:
+        return None
+
+
+def _chat_request(**overrides: object) -> InferenceRequest:
+    fields: dict[str, object] = {
+        "request_id": "req-p-1",
+        "model": "demo-lm",
+        "created_unix_ms": NOW_MS - 100,
+        "payer": "alice",
+        "payload": ChatInput(messages=[ChatMessage(role="user", content=SECRET)]),
+    }
+    fields.update(overrides)
+    return InferenceRequest.model_validate(fields)
+
+
+def _pipeline(engine: Engine, *, retries: int = 2) -> Pipeline:
+    return Pipeline(
+        {"demo-lm": engine}, SIGNER, retries=retries, retry_backoff_s=0, clock_ms=lambda: NOW_MS
+    )
+
+
+def _error(outcome: Outcome) -> ErrorReply:
+    assert isinstance(outcome.reply, ErrorReply), outcome.reply
+    assert outcome.record is None
+    assert outcome.reply.request_id == "req-p-1"
+    assert outcome.reply.node_id == SIGNER.node_id
+    assert outcome.reply.created_unix_ms == NOW_MS
+    return outcome.reply
+
+
+def test_scripted_engine_satisfies_protocol() -> None:
+    assert isinstance(ScriptedEngine(), Engine)
+
+
+async def test_unknown_model() -> None:
+    engine = ScriptedEngine()
+    reply = _error(await _pipeline(engine).handle(_chat_request(model="other-model")))
+    assert reply.code is ErrorCode.UNKNOWN_MODEL
+    assert reply.model == "other-model"
+    assert reply.retryable is False
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("mode", [VerificationMode.TEE, VerificationMode.ZKML])
+async def test_unsupported_mode(mode: VerificationMode) -> None:
+    engine = ScriptedEngine()
+    reply = _error(await _pipeline(engine).handle(_chat_request(mode=mode)))
+    assert reply.code is ErrorCode.UNSUPPORTED_MODE
+    assert mode.value in reply.message
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("deadline", [NOW_MS - 1, NOW_MS, 0])
+async def test_deadline_passed_is_not_executed(deadline: int) -> None:
+    engine = ScriptedEngine()
+    reply = _error(await _pipeline(engine).handle(_chat_request(deadline_unix_ms=deadline)))
+    assert reply.code is ErrorCode.DEADLINE_EXCEEDED
+    assert reply.retryable is False
+    assert engine.calls == []
+
+
+async def test_deadline_in_future_is_executed() -> None:
+    engine = ScriptedEngine()
+    outcome = await _pipeline(engine).handle(_chat_request(deadline_unix_ms=NOW_MS + 1))
+    assert isinstance(outcome.reply, InferenceResult)
+    assert len(engine.calls) == 1
+
+
+async def test_retryable_error_is_retried_until_success() -> None:
+    engine = ScriptedEngine([RetryableError("busy"), RetryableError("busy")])
+    outcome = await _pipeline(engine, retries=2).handle(_chat_request())
+    assert isinstance(outcome.reply, InferenceResult)
+    assert outcome.record is not None
+    assert len(engine.calls) == 3
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 4])
+async def test_retryable_error_gives_up_after_retries(retries: int) -> None:
+    engine = ScriptedEngine(lambda: RetryableError("engine busy"))
+    reply = _error(await _pipeline(engine, retries=retries).handle(_chat_request()))
+    assert reply.code is ErrorCode.INTERNAL
+    assert reply.retryable is True
+    assert reply.message == "engine busy"
+    assert len(engine.calls) == retries + 1
+
+
+async def test_permanent_error_is_answered_at_once() -> None:
+    engine = ScriptedEngine(
+        lambda: PermanentError("input x: expected dtype float32", code=ErrorCode.BAD_REQUEST)
+    )
+    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    assert reply.code is ErrorCode.BAD_REQUEST
+    assert reply.message == "input x: expected dtype float32"
+    assert reply.retryable is False
+    assert len(engine.calls) == 1
+
+
+async def test_permanent_error_keeps_its_code() -> None:
+    engine = ScriptedEngine(
+        lambda: PermanentError("upstream said no", code=ErrorCode.PROVIDER_ERROR)
+    )
+    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    assert reply.code is ErrorCode.PROVIDER_ERROR
+    assert len(engine.calls) == 1
+
+
+async def test_long_error_message_is_truncated_to_wire_limit() -> None:
+    engine = ScriptedEngine(lambda: PermanentError("m" * 2000))
+    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    assert reply.message == "m" * 512
+
+
+async def test_unexpected_exception_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    engine = ScriptedEngine(lambda: RuntimeError(f"tokenizer choked on: {SECRET}"))
+    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    assert reply.code is ErrorCode.INTERNAL
+    assert reply.retryable is True
+    assert SECRET not in reply.message
+    assert SECRET not in reply.model_dump_json()
+
+    failures = [r for r in caplog.records if r.name == "worker.pipeline"]
+    assert failures, "the failure must be logged (by type), or operators see nothing"
+    assert any(getattr(r, "error_type", None) == "RuntimeError" for r in failures)
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+        for key, value in record.__dict__.items():
+            assert SECRET not in str(value), key
+    assert SECRET not in caplog.text
+
+
+async def test_success_with_scripted_engine() -> None:
+    request = _chat_request()
+    outcome = await _pipeline(ScriptedEngine()).handle(request)
+    reply = outcome.reply
+    assert isinstance(reply, InferenceResult)
+    assert reply.request_id == request.request_id
+    assert reply.output == OUTPUT
+
+    assert isinstance(outcome.record, SettlementRecord)
+    assert outcome.record.envelope == reply.envelope
+    assert outcome.record.signature == reply.signature
+
+    env = reply.envelope
+    assert env.request_id == request.request_id
+    assert env.model_id == "demo-lm"
+    assert env.model_digest == DIGEST
+    assert env.mode is VerificationMode.VANILLA
+    assert env.input_hash == input_hash(request.payload)
+    assert env.output_hash == output_hash(OUTPUT)
+    assert env.usage == USAGE
+    assert env.payer == "alice"
+    assert env.node_id == SIGNER.node_id
+    assert env.signed_unix_ms == NOW_MS
+    assert verify_envelope_signature(env, reply.signature)
+
+
+async def test_success_without_payer() -> None:
+    outcome = await _pipeline(ScriptedEngine()).handle(_chat_request(payer=None))
+    assert isinstance(outcome.reply, InferenceResult)
+    assert outcome.reply.envelope.payer is None
+
+
+async def test_pipeline_node_id_is_signer_node_id() -> None:
+    assert _pipeline(ScriptedEngine()).node_id == SIGNER.node_id
+
+
+# --- the real ONNX demo model ------------------------------------------------------------------
+
+
+def _ml_request(data: list[bool | int | float | str]) -> InferenceRequest:
+    return InferenceRequest(
+        request_id="req-p-1",
+        model="demo-mlp",
+        created_unix_ms=NOW_MS - 100,
+        payer="bob",
+        payload=MLInput(tensors={"x": Tensor(dtype="float32", shape=[1, 4], data=data)}),
+    )
+
+
+@pytest.fixture
+async def onnx_pipeline(demo_hub: Path, tmp_path: Path) -> tuple[Pipeline, Engine]:
+    hub = LocalHub(demo_hub)
+    ref = hub.resolve("demo-mlp")
+    engine = await load_engine(ref, hub.materialize(ref, tmp_path))
+    return Pipeline({"demo-mlp": engine}, SIGNER, clock_ms=lambda: NOW_MS), engine
+
+
+async def test_onnx_success_commits_to_real_output(
+    onnx_pipeline: tuple[Pipeline, Engine],
+) -> None:
+    pipeline, engine = onnx_pipeline
+    request = _ml_request([0.5, -1.0, 2.0, 0.25])
+    outcome = await pipeline.handle(request)
+    reply = outcome.reply
+    assert isinstance(reply, InferenceResult), reply
+    assert isinstance(reply.output, MLOutput)
+    env = reply.envelope
+    assert env.model_digest == engine.model_digest
+    assert env.input_hash == input_hash(request.payload)
+    assert env.output_hash == output_hash(reply.output)
+    assert env.payer == "bob"
+    assert env.node_id == SIGNER.node_id
+    assert outcome.record == SettlementRecord(envelope=env, signature=reply.signature)
+    assert verify_envelope_signature(env, reply.signature)
+
+    # Same input, same model: same output hash (the signed commitment is reproducible).
+    again = await pipeline.handle(request)
+    assert isinstance(again.reply, InferenceResult)
+    assert again.reply.envelope.output_hash == env.output_hash
+
+
+async def test_onnx_bad_input_is_bad_request(onnx_pipeline: tuple[Pipeline, Engine]) -> None:
+    pipeline, _ = onnx_pipeline
+    request = InferenceRequest(
+        request_id="req-p-1",
+        model="demo-mlp",
+        created_unix_ms=NOW_MS,
+        payload=MLInput(tensors={"x": Tensor(dtype="float32", shape=[1, 3], data=[1.0] * 3)}),
+    )
+    reply = _error(await pipeline.handle(request))
+    assert reply.code is ErrorCode.BAD_REQUEST
+    assert reply.retryable is False
+
+
+async def test_onnx_chat_payload_is_bad_request(onnx_pipeline: tuple[Pipeline, Engine]) -> None:
+    pipeline, _ = onnx_pipeline
+    reply = _error(await pipeline.handle(_chat_request(model="demo-mlp")))
+    assert reply.code is ErrorCode.BAD_REQUEST
+    assert SECRET not in reply.message
+
+
+async def test_integer_beyond_ijson_range_is_answered_not_raised(
+    onnx_pipeline: tuple[Pipeline, Engine],
+) -> None:
+    pipeline, _ = onnx_pipeline
+    # The schema refuses it at the door...
+    with pytest.raises(ValidationError):
+        _ml_request([2**60, 0.0, 0.0, 0.0])
+    # ...and should one get past (a payload document hashed as received), the pipeline still
+    # answers instead of raising into the intake.
+    outcome = await pipeline.handle(_ml_request([1.0, 0.0, 0.0, 0.0]), {"kind": "ml", "big": 2**60})
+    assert isinstance(outcome.reply, ErrorReply)
+    assert outcome.reply.code is ErrorCode.BAD_REQUEST
