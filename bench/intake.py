@@ -211,27 +211,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (numbers right-aligned by the caller's formatting)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def print_tables(results: dict[str, Any]) -> None:
     t = results["throughput"]
+    runs = {
+        side: ", ".join(f"{r:.0f}" for r in t[f"{side}_rps"]) for side in ("worker", "baseline")
+    }
+    print(f"\nWorker vs raw aiokafka loop: demo-mlp, {t['requests']} requests, 4 partitions")
     print(
-        f"\nWorker vs raw aiokafka loop (demo-mlp, {t['requests']} requests, 4 partitions, median of {t['repeats']})"
-    )
-    print("| side | req/s (median) | runs |")
-    print("|---|---:|---|")
-    print(
-        f"| worker | {t['worker_rps_median']:.0f} | {', '.join(f'{r:.0f}' for r in t['worker_rps'])} |"
-    )
-    print(
-        f"| baseline | {t['baseline_rps_median']:.0f} | {', '.join(f'{r:.0f}' for r in t['baseline_rps'])} |"
-    )
-    print(f"| **ratio** | **{t['ratio']:.2f}** | target >= 0.6, stretch 0.8 |")
-    print("\nWindow scaling, fixed 50 ms engine, one partition")
-    print("| window | req/s | ideal | efficiency |")
-    print("|---:|---:|---:|---:|")
-    for row in results["window_scaling_50ms"]:
-        print(
-            f"| {row['window']} | {row['rps']:.1f} | {row['ideal_rps']:.0f} | {row['efficiency']:.0%} |"
+        table(
+            ["side", "req/s (median)", "runs"],
+            [
+                ["worker", f"{t['worker_rps_median']:.0f}", runs["worker"]],
+                ["baseline", f"{t['baseline_rps_median']:.0f}", runs["baseline"]],
+                ["ratio", f"{t['ratio']:.2f}", "target >= 0.6, stretch 0.8"],
+            ],
         )
+    )
+    print("\nWindow scaling: fixed 50 ms engine, one partition")
+    rows = [
+        [str(r["window"]), f"{r['rps']:.1f}", f"{r['ideal_rps']:.0f}", f"{r['efficiency']:.0%}"]
+        for r in results["window_scaling_50ms"]
+    ]
+    print(table(["window", "req/s", "ideal", "efficiency"], rows))
 
 
 def main() -> None:

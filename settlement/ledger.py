@@ -85,7 +85,8 @@ class SqliteLedger:
             before = self._db.total_changes
             self._db.executemany(
                 "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT (request_id, node_id) DO NOTHING", rows
+                " ON CONFLICT (request_id, node_id) DO NOTHING",
+                rows,
             )
             inserted = self._db.total_changes - before
             self._db.executemany(
