@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.base import VerificationMode
-from schemas.canonical import canonical_bytes, sha256_hex
+from schemas.canonical import canonical_bytes, reference_canonical_bytes, sha256_hex
 from schemas.codec import encode
 from schemas.requests import (
     ChatInput,
@@ -333,3 +333,35 @@ def test_output_hash_is_stable_across_wire_round_trip(payload: MLInput) -> None:
     output = MLOutput(tensors=payload.tensors)
     back = MLOutput.model_validate_json(encode(output))
     assert output_hash(back) == output_hash(output)
+
+
+# --- fast path vs the reference implementation ------------------------------------------------
+
+wide_floats = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(min_value=-1e-5, max_value=1e-5, allow_nan=False),
+    st.sampled_from([1e16, 1e21, 1e-7, 123456789012345680.0, 2.0**53, 2.0**60, -0.0, 5e-324]),
+)
+reference_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | wide_floats
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(reference_values)
+def test_fast_path_matches_the_reference_implementation(value: Any) -> None:
+    try:
+        expected = reference_canonical_bytes(value)
+    except ValueError:
+        with pytest.raises(ValueError):
+            canonical_bytes(value)
+        return
+    assert canonical_bytes(value) == expected
