@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 NODE := $(BIN)/inference-node
 DEMO := var/demo
 
-.PHONY: install demo test lint typecheck unit down lock clean
+.PHONY: install demo test lint typecheck bench down lock clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ typecheck: install
 
 test: install lint typecheck
 	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench.intake
 
 down:
 	$(NODE) stack down

@@ -195,7 +195,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         }
         scaling = []
         for window in args.windows:
-            n = max(100, window * 10)
+            n = max(200, window * 30)
             rate, _, _ = await run_worker(broker.bootstrap, hub, "fixed-50", n, 1, window, work)
             ideal = window / 0.050
             scaling.append(
