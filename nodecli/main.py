@@ -33,13 +33,16 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.app import serve
+    from worker.app import WorkerFatal, serve
     from worker.logs import configure_logging
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings, args.ready_file))
+    try:
+        asyncio.run(serve(settings, args.ready_file))
+    except WorkerFatal as e:
+        return _fail(str(e), 1)
     return 0
 
 

@@ -24,7 +24,7 @@ from worker.settings import WorkerSettings
 from worker.trust.keys import load_or_create_seed
 from worker.trust.signer import Signer
 
-__all__ = ["Worker", "dlq_public_key", "node_signer"]
+__all__ = ["Worker", "WorkerFatal", "dlq_public_key", "node_signer"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ async def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
         engines[name] = await load_engine(ref, path)
         log.info("model loaded", extra={"model": name, "digest": ref.digest})
     return engines
+
+
+class WorkerFatal(Exception):
+    """The worker cannot go on safely; the process should exit non-zero."""
 
 
 class Worker:
@@ -99,8 +103,11 @@ class Worker:
         log.info("worker ready", extra={"node_id": self.signer.node_id, "models": s.models})
 
     async def run(self) -> None:
+        """Serve until ``stop()``; raise ``WorkerFatal`` if the worker stopped on a failure."""
         assert self.intake is not None, "setup() first"
         await self.intake.run()
+        if self.intake.fatal is not None:
+            raise WorkerFatal("publishing failed; exiting for a restart") from self.intake.fatal
 
     def stop(self) -> None:
         self._stop_requested = True

@@ -98,6 +98,9 @@ class Intake:
         self._stopping = asyncio.Event()
         self._recent: OrderedDict[str, None] = OrderedDict()
         self.max_concurrency_seen = 0
+        self.fatal: BaseException | None = None
+        """Set when the worker must exit non-zero (a publish failed): let the orchestrator
+        restart it, and the uncommitted request be redelivered."""
         self._running = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class Intake:
             log.critical(
                 "publish failed; stopping for redelivery", extra={"error": type(e).__name__}
             )
+            self.fatal = e
             self.stop()
         else:
             part.complete(record.offset)
