@@ -65,6 +65,17 @@ class Topics:
             return topic[len(self.infer_prefix) :]
         return None
 
+    def is_internal(self, topic: str) -> bool:
+        """True for topics only the network writes (requests, settlement, DLQ, registry).
+
+        A request may name any reply topic except these: otherwise a client could make a
+        worker write into the settlement or registry streams."""
+        return topic.startswith(self.infer_prefix) or topic in {
+            self.settlement,
+            self.dlq,
+            self.registry,
+        }
+
     @property
     def replies(self) -> str:
         return f"{self.namespace}.replies"

@@ -199,7 +199,10 @@ class Intake:
                     ErrorCode.BAD_REQUEST,
                     decoded.reason,
                 )
-                await self._publisher.publish_outcome(Outcome(reply), decoded.reply_to, headers)
+                reply_to = decoded.reply_to
+                if reply_to is not None and self._topics.is_internal(reply_to):
+                    reply_to = None
+                await self._publisher.publish_outcome(Outcome(reply), reply_to, headers)
             else:
                 await self._publisher.dead_letter(
                     record.value,
@@ -216,7 +219,18 @@ class Intake:
         if request.request_id in self._recent:
             log.info("duplicate request dropped", extra={"request_id": request.request_id})
             return
-        if topic_model is not None and topic_model != request.model:
+        reply_to = request.reply_to
+        if reply_to is not None and self._topics.is_internal(reply_to):
+            reply_to = None  # answered on the shared replies topic instead
+            outcome = Outcome(
+                self._pipeline.error(
+                    request.request_id,
+                    request.model,
+                    ErrorCode.BAD_REQUEST,
+                    "reply_to names an internal topic",
+                )
+            )
+        elif topic_model is not None and topic_model != request.model:
             outcome = Outcome(
                 self._pipeline.error(
                     request.request_id,
@@ -227,7 +241,7 @@ class Intake:
             )
         else:
             outcome = await self._run_pipeline(request, decoded.document["payload"])
-        await self._publisher.publish_outcome(outcome, request.reply_to, headers)
+        await self._publisher.publish_outcome(outcome, reply_to, headers)
         self._remember(request.request_id)
 
     async def _run_pipeline(self, request: InferenceRequest, payload: Any) -> Outcome:

@@ -60,13 +60,18 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
             expired = build_request(
                 "demo-mlp", _valid_ml(), request_id="bad-4", reply_to=topics.replies, deadline_s=-1
             )
-            waiters = {rid: client.expect(rid) for rid in ("bad-1", "bad-2", "bad-3", "bad-4")}
+            hijack = build_request("demo-mlp", _valid_ml(), request_id="bad-5")
+            hijack = hijack.model_copy(update={"reply_to": topics.settlement})
+            waiters = {
+                rid: client.expect(rid) for rid in ("bad-1", "bad-2", "bad-3", "bad-4", "bad-5")
+            }
             await producer.send_and_wait(topic, f"not json {CANARY}".encode())
             await producer.send_and_wait(topic, json.dumps([CANARY]).encode())
             await producer.send_and_wait(topic, json.dumps(invalid_with_id).encode())
             await producer.send_and_wait(topic, encode(unknown))
             await producer.send_and_wait(topic, encode(wrong_tensor))
             await producer.send_and_wait(topic, encode(expired))
+            await producer.send_and_wait(topic, encode(hijack))
         finally:
             await producer.stop()
 
@@ -80,6 +85,7 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
         "bad-2": ErrorCode.UNKNOWN_MODEL,
         "bad-3": ErrorCode.BAD_REQUEST,
         "bad-4": ErrorCode.DEADLINE_EXCEEDED,
+        "bad-5": ErrorCode.BAD_REQUEST,  # reply_to named the settlement topic
     }
     for rid, code in expected.items():
         reply = errors[rid]
@@ -88,6 +94,10 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
         assert reply.node_id == running_worker.signer.node_id
     assert "model" in errors["bad-1"].message  # names the invalid field
     assert errors["bad-3"].message == "missing input tensor(s): x"
+    assert errors["bad-5"].message == "reply_to names an internal topic"
+    # Only the one good request reached the settlement stream.
+    settled = await read_topic(broker.bootstrap, topics.settlement, idle_s=0.3)
+    assert [json.loads(m.value)["envelope"]["request_id"] for m in settled] == [good.request_id]
 
     dlq = []
 
