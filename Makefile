@@ -1,9 +1,13 @@
 # The two set-up commands: `make demo` (local stack + two verified requests) and `make test`.
+SHELL := bash
+.SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 NODE := $(BIN)/inference-node
 DEMO := var/demo
+# Some machines' pip config names index directories that do not exist; hide that noise only.
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: install demo test lint typecheck bench down lock clean
 
@@ -11,8 +15,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/broker.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[cpu,dev]'
-	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/broker.txt
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[cpu,dev]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/broker.txt 2>&1 | $(QUIET_PIP)
 	touch $@
 
 demo: install
