@@ -6,8 +6,13 @@ they finish in any order (so a batching engine sees many at once), and the commi
 a partition only ever advances over a contiguous run of answered offsets. A crash therefore
 re-delivers at most the window, never skips a request.
 
-Bounded memory: a partition is paused when its window is full, and ``getmany`` never asks for
-more records than the global in-flight cap has room for.
+The window bounds how many requests of a partition *execute* at once. A request whose reply
+is waiting for the broker's acknowledgement has left the window (so produce latency does not
+idle the engine) but is still tracked, and its offset is not committable until acknowledged.
+
+Bounded memory: a partition is paused once it tracks two windows' worth of requests (one
+executing, one awaiting acks), every partition is paused when the process reaches
+``max_in_flight``, and ``getmany`` never asks for more records than that cap has room for.
 
 Lifecycle: ``run()`` until ``stop()``; then fetching stops, in-flight work drains within
 ``drain_timeout_s``, finished offsets are committed, and the consumer leaves the group.
@@ -35,6 +40,9 @@ from worker.publish import Publisher
 __all__ = ["Intake", "IntakeConfig"]
 
 log = logging.getLogger(__name__)
+
+_FINAL_COMMIT_ATTEMPTS = 3
+_FINAL_COMMIT_BACKOFF_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,19 @@ class _Partition:
             head = self.order.popleft()
             self.done.discard(head)
             self.committable = head + 1
+
+
+@dataclass(frozen=True)
+class _Reply:
+    outcome: Outcome
+    reply_to: str | None
+    remember_id: str | None = None
+    """Request id to remember for duplicate suppression once the reply is acknowledged."""
+
+
+@dataclass(frozen=True)
+class _DeadLetter:
+    reason: str
 
 
 def _attempts(headers: list[tuple[str, bytes]]) -> int:
@@ -136,7 +157,7 @@ class Intake:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self._commit(list(self._parts))
+            await self._commit(list(self._parts), attempts=_FINAL_COMMIT_ATTEMPTS)
 
     # -- window ------------------------------------------------------------------------------
 
@@ -152,7 +173,8 @@ class Intake:
     def _apply_backpressure(self) -> None:
         global_full = self._in_flight >= self._config.max_in_flight
         for tp, part in self._parts.items():
-            full = global_full or len(part.tasks) >= self._config.window_per_partition
+            # Up to a window executing plus a window awaiting broker acks.
+            full = global_full or len(part.tasks) >= 2 * self._config.window_per_partition
             if full and not part.paused:
                 self._consumer.pause(tp)
                 part.paused = True
@@ -161,14 +183,19 @@ class Intake:
                 part.paused = False
 
     async def _process(self, tp: TopicPartition, part: _Partition, record: Any) -> None:
+        headers = list(record.headers or ())
         try:
+            # The window bounds execution; publishing (waiting for broker acks) happens after
+            # the slot is released, so produce latency does not idle the engine. The request
+            # still counts towards the partition's pause threshold until it is acknowledged.
             async with part.window:
                 self._running += 1
                 self.max_concurrency_seen = max(self.max_concurrency_seen, self._running)
                 try:
-                    await self._handle(tp, record)
+                    action = await self._decide(tp, record, headers)
                 finally:
                     self._running -= 1
+            await self._deliver(tp, record, headers, action)
         except asyncio.CancelledError:
             # Abandoned on revocation or shutdown: not marked done, so never committed; the
             # next owner of the partition answers it.
@@ -188,61 +215,68 @@ class Intake:
             self._in_flight -= 1
             self._progress.set()
 
-    async def _handle(self, tp: TopicPartition, record: Any) -> None:
-        headers = list(record.headers or ())
+    async def _decide(
+        self, tp: TopicPartition, record: Any, headers: list[tuple[str, bytes]]
+    ) -> _Reply | _DeadLetter | None:
+        """What to publish for one record (None: a duplicate, nothing to publish)."""
         decoded = decode(record.value, InferenceRequest)
         if not isinstance(decoded, Decoded):
-            if decoded.request_id is not None:
-                reply = self._pipeline.error(
-                    decoded.request_id,
-                    self._topics.model_of(tp.topic) or "",
-                    ErrorCode.BAD_REQUEST,
-                    decoded.reason,
-                )
-                reply_to = decoded.reply_to
-                if reply_to is not None and self._topics.is_internal(reply_to):
-                    reply_to = None
-                await self._publisher.publish_outcome(Outcome(reply), reply_to, headers)
-            else:
-                await self._publisher.dead_letter(
-                    record.value,
-                    decoded.reason,
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    offset=record.offset,
-                    attempts=_attempts(headers) + 1,
-                    request_headers=headers,
-                )
-            return
+            if decoded.request_id is None:
+                return _DeadLetter(decoded.reason)
+            reply = self._pipeline.error(
+                decoded.request_id,
+                self._topics.model_of(tp.topic) or "",
+                ErrorCode.BAD_REQUEST,
+                decoded.reason,
+            )
+            return _Reply(Outcome(reply), self._allowed_reply_topic(decoded.reply_to))
         request = decoded.message
-        topic_model = self._topics.model_of(tp.topic)
         if request.request_id in self._recent:
             log.info("duplicate request dropped", extra={"request_id": request.request_id})
-            return
-        reply_to = request.reply_to
-        if reply_to is not None and self._topics.is_internal(reply_to):
-            reply_to = None  # answered on the shared replies topic instead
-            outcome = Outcome(
-                self._pipeline.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.BAD_REQUEST,
-                    "reply_to names an internal topic",
-                )
-            )
+            return None
+        reply_to = self._allowed_reply_topic(request.reply_to)
+        topic_model = self._topics.model_of(tp.topic)
+        if reply_to != request.reply_to:
+            error = (ErrorCode.BAD_REQUEST, "reply_to names an internal topic")
         elif topic_model is not None and topic_model != request.model:
-            outcome = Outcome(
-                self._pipeline.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.UNKNOWN_MODEL,
-                    f"request for another model arrived on the topic of {topic_model}",
-                )
+            error = (
+                ErrorCode.UNKNOWN_MODEL,
+                f"request for another model arrived on the topic of {topic_model}",
             )
         else:
             outcome = await self._run_pipeline(request, decoded.document["payload"])
-        await self._publisher.publish_outcome(outcome, reply_to, headers)
-        self._remember(request.request_id)
+            return _Reply(outcome, reply_to, request.request_id)
+        reply = self._pipeline.error(request.request_id, request.model, *error)
+        return _Reply(Outcome(reply), reply_to, request.request_id)
+
+    def _allowed_reply_topic(self, reply_to: str | None) -> str | None:
+        """The requested reply topic, or None (the shared one) when it names an internal
+        topic: a client must not make a worker write into settlement or the registry."""
+        if reply_to is not None and self._topics.is_internal(reply_to):
+            return None
+        return reply_to
+
+    async def _deliver(
+        self,
+        tp: TopicPartition,
+        record: Any,
+        headers: list[tuple[str, bytes]],
+        action: _Reply | _DeadLetter | None,
+    ) -> None:
+        if isinstance(action, _Reply):
+            await self._publisher.publish_outcome(action.outcome, action.reply_to, headers)
+            if action.remember_id is not None:
+                self._remember(action.remember_id)
+        elif isinstance(action, _DeadLetter):
+            await self._publisher.dead_letter(
+                record.value,
+                action.reason,
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=record.offset,
+                attempts=_attempts(headers) + 1,
+                request_headers=headers,
+            )
 
     async def _run_pipeline(self, request: InferenceRequest, payload: Any) -> Outcome:
         try:
@@ -274,23 +308,35 @@ class Intake:
             await asyncio.sleep(self._config.commit_interval_s)
             await self._commit(list(self._parts))
 
-    async def _commit(self, tps: list[TopicPartition]) -> None:
-        offsets = {}
-        for tp in tps:
-            part = self._parts.get(tp)
-            if part and part.committable is not None and part.committable != part.committed:
-                offsets[tp] = part.committable
-        if not offsets:
-            return
-        try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as e:
-            # The group rebalanced under us; the new owner re-delivers from the last commit.
-            log.warning("commit failed", extra={"error": type(e).__name__})
-            return
-        for tp, offset in offsets.items():
-            if tp in self._parts:
-                self._parts[tp].committed = offset
+    async def _commit(self, tps: list[TopicPartition], *, attempts: int = 1) -> bool:
+        """Commit the contiguous answered prefix of ``tps``; True when nothing is left.
+
+        Periodic commits try once (the next tick retries). The last commits before the
+        partitions go away (shutdown, revocation) try ``attempts`` times: an offset left
+        uncommitted there means its requests are answered again by the next owner.
+        """
+        for attempt in range(attempts):
+            offsets = {}
+            for tp in tps:
+                part = self._parts.get(tp)
+                if part and part.committable is not None and part.committable != part.committed:
+                    offsets[tp] = part.committable
+            if not offsets:
+                return True
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as e:
+                log.warning(
+                    "commit failed", extra={"error": type(e).__name__, "attempt": attempt + 1}
+                )
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(_FINAL_COMMIT_BACKOFF_S * (attempt + 1))
+                continue
+            for tp, offset in offsets.items():
+                if tp in self._parts:
+                    self._parts[tp].committed = offset
+            return True
+        return False
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -304,7 +350,9 @@ class Intake:
             task for tp in revoked if tp in self._parts for task in self._parts[tp].tasks.values()
         ]
         await self._finish(tasks, self._config.revoke_timeout_s)
-        await self._commit([tp for tp in revoked if tp in self._parts])
+        await self._commit(
+            [tp for tp in revoked if tp in self._parts], attempts=_FINAL_COMMIT_ATTEMPTS
+        )
         for tp in revoked:
             self._parts.pop(tp, None)
 
