@@ -33,7 +33,7 @@ from infra.broker import running_broker
 from infra.kafka import KafkaSettings
 from infra.topics import ensure_topics, standard_topics
 from schemas import MLInput, Tensor, Topics, encode
-from worker.app import Worker
+from worker.app import Worker, tune_gc
 from worker.models.demo import add_fixed_latency_model, build_demo_hub
 from worker.settings import WorkerSettings
 
@@ -118,6 +118,7 @@ async def run_worker(
     )
     worker = Worker(settings)
     await worker.setup()
+    tune_gc()  # as `inference-node worker` does
     task = asyncio.create_task(worker.run())
     try:
         replies = await _collect(kafka, topics.replies, n, timeout_s=300)
