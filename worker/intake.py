@@ -146,9 +146,20 @@ class Intake:
         committer = asyncio.create_task(self._commit_loop())
         try:
             while not self._stopping.is_set():
+                self._progress.clear()
                 self._apply_backpressure()
+                fetch_timeout_ms = 100
+                if self._parts and all(p.paused for p in self._parts.values()):
+                    # Nothing can be fetched: wake as soon as a request finishes rather than
+                    # idling in getmany, then poll without waiting (keeps max_poll_interval).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._progress.wait(), 0.1)
+                    self._apply_backpressure()
+                    fetch_timeout_ms = 0
                 room = self._config.max_in_flight - self._in_flight
-                batches = await self._consumer.getmany(timeout_ms=100, max_records=max(room, 1))
+                batches = await self._consumer.getmany(
+                    timeout_ms=fetch_timeout_ms, max_records=max(room, 1)
+                )
                 for tp, records in batches.items():
                     for record in records:
                         self._admit(tp, record)
