@@ -57,12 +57,30 @@ def cmd_settlement(args: argparse.Namespace) -> int:
         configure_logging(settings.log_level)
         asyncio.run(serve(settings, args.ready_file))
         return 0
-    from settlement.ledger import SqliteLedger
+    from settlement.ledger import open_ledger
 
-    ledger = SqliteLedger(settings.ledger_path)
+    ledger = open_ledger(settings.ledger_url)
     try:
         if args.action == "status":
             _print_json({"records": ledger.count(), "rejections": ledger.rejection_counts()})
+            return 0
+        if args.action == "usage":
+            _print_json(ledger.usage(args.payer))
+            return 0
+        if not args.request_id:
+            return _fail(f"settlement {args.action} needs a request id")
+        if args.action == "proof":
+            from nodecli.inclusion import build_proofs
+
+            chain = settings.chain
+            stack_chain = Path("var/chain.json")  # written by `stack up`, for local use
+            if chain.contract_address is None and stack_chain.exists():
+                address = json.loads(stack_chain.read_text())["contract_address"]
+                chain = chain.model_copy(update={"contract_address": address})
+            proofs = build_proofs(ledger, args.request_id, chain)
+            if not proofs:
+                return _fail("no anchored record for that request id (yet)", 1)
+            _print_json(proofs[0] if len(proofs) == 1 else proofs)
             return 0
         rows = ledger.get(args.request_id)
         _print_json(rows)
@@ -74,7 +92,12 @@ def cmd_settlement(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     from nodecli.stack import StackConfig, stack_down, stack_status, stack_up
 
-    cfg = StackConfig(state_dir=args.state_dir, port=args.port, namespace=args.namespace)
+    cfg = StackConfig(
+        state_dir=args.state_dir,
+        port=args.port,
+        namespace=args.namespace,
+        chain_port=args.chain_port,
+    )
     if args.action == "up":
         _print_json(stack_up(cfg))
     elif args.action == "down":
@@ -151,18 +174,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from schemas.results import InferenceResult
 
     try:
-        result = InferenceResult.model_validate_json(args.reply.read_bytes())
+        result = (
+            InferenceResult.model_validate_json(args.reply.read_bytes()) if args.reply else None
+        )
         request = (
             InferenceRequest.model_validate_json(args.request.read_bytes())
             if args.request
             else None
         )
-    except (OSError, ValidationError) as e:
+        proof = json.loads(args.inclusion.read_text()) if args.inclusion else None
+    except (OSError, ValueError) as e:
         return _fail(f"cannot read input: {type(e).__name__}", 1)
-    report = verify_result(result, request)
-    _print_json(report.as_dict())
-    print("verified" if report.ok else "NOT VERIFIED")
-    return 0 if report.ok else 1
+    if result is None and proof is None:
+        return _fail("give a reply file, --inclusion FILE, or both")
+    report: dict[str, Any] = {"checks": []}
+    if result is not None:
+        report = verify_result(result, request).as_dict()
+    if proof is not None:
+        from nodecli.inclusion import check_proof
+
+        report["checks"] += asyncio.run(check_proof(proof, args.rpc_url, result))
+        report["request_id"] = report.get("request_id") or proof.get("request_id")
+    ok = bool(report["checks"]) and all(c["ok"] for c in report["checks"])
+    report["verified"] = ok
+    _print_json(report)
+    print("verified" if ok else "NOT VERIFIED")
+    return 0 if ok else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -230,15 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("settlement", help="run or inspect the settlement service (OG_SETTLEMENT_*)")
-    s.add_argument("action", nargs="?", choices=["run", "status", "show"], default="run")
+    s.add_argument(
+        "action", nargs="?", choices=["run", "status", "show", "proof", "usage"], default="run"
+    )
     s.add_argument("request_id", nargs="?")
+    s.add_argument("--payer", help="usage: only this payer")
     s.add_argument("--ready-file", type=Path)
     s.set_defaults(func=cmd_settlement)
 
     st = sub.add_parser("stack", help="local development stack")
     st.add_argument("action", choices=["up", "down", "status"])
     st.add_argument("--state-dir", type=Path, default=Path("var"))
-    st.add_argument("--port", type=int, default=9092)
+    st.add_argument("--port", type=int, default=9092, help="Kafka-API broker port")
+    st.add_argument("--chain-port", type=int, default=8545, help="anvil JSON-RPC port")
     st.add_argument("--namespace", default="og")
     st.set_defaults(func=cmd_stack)
 
@@ -255,9 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-request", type=Path, help="also write the request sent to FILE")
     r.set_defaults(func=cmd_request)
 
-    v = sub.add_parser("verify", help="verify a reply offline")
-    v.add_argument("reply", type=Path)
+    v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")
+    v.add_argument("reply", type=Path, nargs="?")
     v.add_argument("--request", type=Path, help="the request sent, to check the input hash")
+    v.add_argument("--inclusion", type=Path, help="an inclusion proof (settlement proof ID)")
+    v.add_argument("--rpc-url", default="http://127.0.0.1:8545", help="chain RPC for --inclusion")
     v.set_defaults(func=cmd_verify)
 
     m = sub.add_parser("models", help="model hub")
@@ -281,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "settlement" and args.action == "show" and not args.request_id:
-        return _fail("settlement show needs a request id")
     try:
         return int(args.func(args))
     except ValidationError as e:

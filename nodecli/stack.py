@@ -1,8 +1,10 @@
 """``inference-node stack up|down|status``: the local development stack.
 
 Everything runs as detached processes tracked by pid files under the state directory (default
-``var/``): the Tansu broker, one worker and the settlement service; logs go to ``var/log``.
-``up`` is idempotent: a component already running is left alone.
+``var/``): the Tansu broker, an anvil chain with the Settlement contract, one worker and the
+settlement service (anchoring Merkle roots on that chain); logs go to ``var/log``. ``up`` is
+idempotent: a component already running is left alone. The chain uses anvil's well-known
+development key as relayer: for local use only.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from infra.broker import BrokerAlreadyRunning, kafka_api_versions_ok, start_broker, stop_broker
+from infra.chain import (
+    DEV_ACCOUNTS,
+    ChainAlreadyRunning,
+    dev_private_key,
+    rpc_ready,
+    start_anvil,
+    stop_anvil,
+)
 from infra.processes import running_pid, stop_pidfile
 from infra.topics import ensure_topics, standard_topics
+from settlement.chain import ChainError, ChainSettings, SettlementChain
 from worker.models.demo import build_demo_hub
 
 __all__ = ["StackConfig", "stack_down", "stack_status", "stack_up"]
@@ -34,11 +47,16 @@ class StackConfig:
     host: str = "127.0.0.1"
     port: int = 9092
     namespace: str = "og"
+    chain_port: int = 8545
     ready_timeout_s: float = 120.0
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://{self.host}:{self.chain_port}"
 
     def path(self, *parts: str) -> Path:
         return self.state_dir.joinpath(*parts)
@@ -61,8 +79,47 @@ def _service_env(cfg: StackConfig, service: str) -> dict[str, str]:
             "OG_WORKER_KEY_DIR": str(cfg.path("keys")),
         }
     else:
-        env["OG_SETTLEMENT_LEDGER_PATH"] = str(cfg.path("settlement", "ledger.sqlite3"))
+        contract = json.loads(cfg.path("chain.json").read_text())["contract_address"]
+        env |= {
+            "OG_SETTLEMENT_LEDGER_URL": str(cfg.path("settlement", "ledger.sqlite3")),
+            "OG_SETTLEMENT_ANCHOR": "true",
+            "OG_SETTLEMENT_CHAIN__RPC_URL": cfg.rpc_url,
+            "OG_SETTLEMENT_CHAIN__CONTRACT_ADDRESS": contract,
+            "OG_SETTLEMENT_CHAIN__RELAYER_KEY": dev_private_key(0),
+            "OG_SETTLEMENT_MERKLE_BATCH_MAX_AGE_S": "2",
+        }
     return env
+
+
+def _chain_up(cfg: StackConfig) -> str:
+    """Start anvil and deploy the Settlement contract unless the recorded one is there."""
+    try:
+        start_anvil(
+            cfg.host,
+            cfg.chain_port,
+            log_path=cfg.path("log", "anvil.log"),
+            pid_path=cfg.path("run", "anvil.pid"),
+            detach=True,
+        )
+    except ChainAlreadyRunning:
+        pass
+    record = cfg.path("chain.json")
+    settings = ChainSettings(rpc_url=cfg.rpc_url, relayer_key=SecretStr(dev_private_key(0)))
+    if record.exists():
+        address = str(json.loads(record.read_text())["contract_address"])
+        try:
+            asyncio.run(_probe(settings.model_copy(update={"contract_address": address})))
+            return address
+        except ChainError:
+            pass  # anvil keeps no state across restarts: deploy again
+    address = asyncio.run(SettlementChain.deploy(settings, DEV_ACCOUNTS[0]))
+    record.write_text(json.dumps({"rpc_url": cfg.rpc_url, "contract_address": address}) + "\n")
+    return address
+
+
+async def _probe(settings: ChainSettings) -> None:
+    chain = await SettlementChain.connect(settings)
+    await chain.close()
 
 
 def _start_service(cfg: StackConfig, service: str) -> None:
@@ -112,6 +169,7 @@ def stack_up(cfg: StackConfig) -> dict[str, object]:
         )
     except BrokerAlreadyRunning:
         pass
+    _chain_up(cfg)
     build_demo_hub(cfg.path("hub"))
     asyncio.run(ensure_topics(cfg.bootstrap, standard_topics(cfg.namespace, DEMO_MODELS)))
     for service in _SERVICES:
@@ -128,6 +186,7 @@ def stack_down(cfg: StackConfig) -> dict[str, bool]:
         for service in _SERVICES
     }
     stopped["broker"] = stop_broker(cfg.path("run", "broker.pid"))
+    stopped["chain"] = stop_anvil(cfg.path("run", "anvil.pid"))
     return stopped
 
 
@@ -136,6 +195,7 @@ def stack_status(cfg: StackConfig) -> dict[str, object]:
         "bootstrap": cfg.bootstrap,
         "namespace": cfg.namespace,
         "broker": {"ready": kafka_api_versions_ok(cfg.host, cfg.port)},
+        "chain": {"ready": rpc_ready(cfg.rpc_url), "rpc_url": cfg.rpc_url},
     }
     for service in _SERVICES:
         pid = running_pid(cfg.path("run", f"{service}.pid"), _MARKER)

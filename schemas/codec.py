@@ -19,11 +19,43 @@ from pydantic import BaseModel, ValidationError
 from schemas import limits
 from schemas.topics import TOPIC_NAME_PATTERN
 
-__all__ = ["Decoded", "Undecodable", "decode", "encode", "summarize_validation_error"]
+__all__ = [
+    "Decoded",
+    "Undecodable",
+    "decode",
+    "encode",
+    "summarize_validation_error",
+    "too_deep",
+]
 
 M = TypeVar("M", bound=BaseModel)
 _REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{limits.MAX_ID_CHARS}}}$")
 _TOPIC_RE = re.compile(TOPIC_NAME_PATTERN)
+
+
+_JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET_RE = re.compile(rb"[\[\]{}]")
+
+
+def too_deep(raw: bytes, max_depth: int = limits.MAX_JSON_DEPTH) -> bool:
+    """True when ``raw`` nests arrays/objects deeper than ``max_depth``.
+
+    Checked before parsing because the parser's own guard is the interpreter's recursion
+    limit, which libraries raise at import (py_ecc, via web3, sets it to 100,000): a deeply
+    nested message would then overflow the C stack and kill the process. Linear time; brackets
+    inside strings do not count.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    for match in _JSON_BRACKET_RE.finditer(_JSON_STRING_RE.sub(b'""', raw)):
+        if match[0] in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 @dataclass(frozen=True)
@@ -108,6 +140,8 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
         return Undecodable("empty message")
     if len(raw) > limits.MAX_MESSAGE_BYTES:
         return Undecodable(f"message of {len(raw)} bytes exceeds {limits.MAX_MESSAGE_BYTES}")
+    if too_deep(raw):
+        return Undecodable(f"JSON nested deeper than {limits.MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):

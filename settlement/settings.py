@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka import KafkaSettings
 from schemas.topics import DEFAULT_NAMESPACE, Topics
+from settlement.chain import ChainSettings
 
 __all__ = ["SettlementSettings"]
 
@@ -21,12 +20,29 @@ class SettlementSettings(BaseSettings):
     namespace: str = DEFAULT_NAMESPACE
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     group_id: str = "og-settlement"
-    ledger_path: Path = Path("var/settlement/ledger.sqlite3")
-    max_batch: int = Field(default=500, ge=1, le=10_000)
+    ledger_url: str = Field(
+        default="var/settlement/ledger.sqlite3",
+        description="a SQLite path (or sqlite:///path) or postgresql://user@host/db[?schema=s]",
+    )
+    max_batch: int = Field(
+        default=500, ge=1, le=10_000, description="records consumed per ledger transaction"
+    )
+    chain: ChainSettings = Field(default_factory=ChainSettings)
+    anchor: bool = Field(
+        default=False, description="batch records into Merkle roots and anchor them on chain"
+    )
+    merkle_batch_max_records: int = Field(default=1000, ge=1, le=100_000)
+    merkle_batch_max_age_s: float = Field(default=5.0, gt=0)
     max_clock_skew_s: float = Field(
         default=300.0, gt=0, description="records signed further in the future are rejected"
     )
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _anchoring_needs_a_contract(self) -> SettlementSettings:
+        if self.anchor and (self.chain.contract_address is None or self.chain.relayer_key is None):
+            raise ValueError("anchor=true needs chain.contract_address and chain.relayer_key")
+        return self
 
     @property
     def topics(self) -> Topics:

@@ -51,7 +51,7 @@ def settlement_settings(
         namespace=namespace,
         kafka=fast_kafka(broker.bootstrap),
         group_id=f"{namespace}-settlement",
-        ledger_path=tmp_path / "ledger.sqlite3",
+        ledger_url=str(tmp_path / "ledger.sqlite3"),
     )
 
 

@@ -628,7 +628,7 @@ async def test_sigkill_and_restart_answers_all_2000_and_settles_each_once_per_no
             namespace=ns,
             kafka=fast_kafka(broker.bootstrap),
             group_id=f"{ns}-settlement",
-            ledger_path=tmp_path / "ledger.sqlite3",
+            ledger_url=str(tmp_path / "ledger.sqlite3"),
         )
     )
     children: list[_Child] = []

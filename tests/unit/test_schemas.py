@@ -294,8 +294,8 @@ def test_decode_oversize_rejected_before_parsing() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"request_id":"\xff\xfe"}', b"\xc3\x28", b"not json", b"{", b"", b"[" * 100_000],
-    ids=["bad-utf8-in-object", "bad-utf8", "text", "truncated", "empty", "deep-nesting"],
+    [b'{"request_id":"\xff\xfe"}', b"\xc3\x28", b"not json", b"{", b""],
+    ids=["bad-utf8-in-object", "bad-utf8", "text", "truncated", "empty"],
 )
 def test_decode_non_json(raw: bytes) -> None:
     result = decode(raw, InferenceRequest)
@@ -522,3 +522,27 @@ def test_schema_version_is_one() -> None:
     assert InferenceRequest.model_validate(_request()).schema_version == 1
     with pytest.raises(ValidationError):
         InferenceRequest.model_validate(_request(schema_version=2))
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_deep_nesting_is_refused_even_with_a_raised_recursion_limit(opener: bytes) -> None:
+    """web3 (through py_ecc) raises the recursion limit to 100,000 at import; the parser would
+    then overflow the C stack on deep nesting and kill the process instead of raising."""
+    import sys
+
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        result = decode(opener * 200_000, InferenceRequest)
+    finally:
+        sys.setrecursionlimit(previous)
+    assert isinstance(result, Undecodable)
+    assert result.reason == "JSON nested deeper than 32 levels"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    from schemas.codec import too_deep
+
+    assert not too_deep(b'{"a": "' + b"[" * 500 + b'\\"' + b"{" * 500 + b'"}')
+    assert too_deep(b"[" * 33 + b"]" * 33)
+    assert not too_deep(b"[" * 32 + b"]" * 32)

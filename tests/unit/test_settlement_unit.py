@@ -236,7 +236,7 @@ def test_reopening_keeps_rows_and_schema_version(ledger_path: Path) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
     finally:
         db.close()
-    assert version == 1
+    assert version == 2  # v1 records + rejections, v2 Merkle batches
 
 
 def test_get_returns_row_with_parseable_envelope(ledger: SqliteLedger) -> None:

@@ -1,0 +1,147 @@
+"""Merkle batching and anchoring, crash-safe by construction.
+
+A batch goes through two durable states in the ledger:
+
+1. ``built``: in ONE ledger transaction the batch row (with its root) is inserted and its
+   records are assigned their leaf index. A crash before that commit leaves the records
+   unbatched; after it, the batch exists and will be anchored.
+2. ``anchored``: the transaction hash, block and gas are recorded once the root is on chain.
+
+On start-up every ``built`` batch is resumed. Before sending, the chain is asked whether the
+root is already settled (a crash after the transaction was mined but before it was recorded),
+and the contract itself refuses a root twice, so a root is never anchored twice and a record
+is never in two batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from settlement.chain import Anchored, ChainError, DuplicateRoot, SettlementChain
+from settlement.failpoints import failpoint
+from settlement.ledger.base import BatchRow, Ledger
+from settlement.merkle import MerkleTree, envelope_leaf
+
+__all__ = ["Batcher", "BatcherConfig"]
+
+log = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_records: int = 1000
+    max_age_s: float = 5.0
+    tick_s: float = 0.5
+    retry_backoff_s: float = 2.0
+
+
+class Batcher:
+    def __init__(
+        self,
+        ledger: Ledger,
+        chain: SettlementChain,
+        config: BatcherConfig,
+        *,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._ledger = ledger
+        self._chain = chain
+        self._config = config
+        self._clock_ms = clock_ms
+        self._stopping = asyncio.Event()
+        self.anchored: list[Anchored] = []
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Anchor open batches, then close new ones by size or age until stopped."""
+        while not self._stopping.is_set():
+            try:
+                await self.step()
+                delay_s = self._config.tick_s
+            except ChainError as e:
+                # The chain is down or refused us: the batch stays ``built`` and is retried.
+                log.warning("anchoring failed; will retry", extra={"error": e.reason or "chain"})
+                delay_s = self._config.retry_backoff_s
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay_s)
+            except TimeoutError:
+                pass
+
+    async def step(self, *, force: bool = False) -> None:
+        """One round: finish open batches, then build and anchor at most one new one."""
+        for batch in await asyncio.to_thread(self._ledger.open_batches):
+            await self._anchor(batch)
+        if force or await self._due():
+            built = await self._build()
+            if built is not None:
+                await self._anchor(built)
+
+    async def flush(self) -> None:
+        """Batch and anchor everything stored so far (tests, shutdown)."""
+        while await asyncio.to_thread(self._ledger.oldest_unbatched_unix_ms) is not None:
+            await self.step(force=True)
+        await self.step()
+
+    async def _due(self) -> bool:
+        oldest = await asyncio.to_thread(self._ledger.oldest_unbatched_unix_ms)
+        if oldest is None:
+            return False
+        if self._clock_ms() - oldest >= self._config.max_age_s * 1000:
+            return True
+        pending = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)
+        return len(pending) >= self._config.max_records
+
+    async def _build(self) -> BatchRow | None:
+        records = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)
+        if not records:
+            return None
+        leaves = {(r.request_id, r.node_id): envelope_leaf(r.envelope) for r in records}
+        tree = MerkleTree(leaves.values())
+        members = [
+            (request_id, node_id, tree.index_of(leaf), "0x" + leaf.hex())
+            for (request_id, node_id), leaf in leaves.items()
+        ]
+        batch_id = await asyncio.to_thread(
+            self._ledger.create_batch, "0x" + tree.root.hex(), members
+        )
+        failpoint("after_batch_built")
+        log.info("batch built", extra={"batch_id": batch_id, "records": len(members)})
+        return await asyncio.to_thread(self._ledger.batch, batch_id)
+
+    async def _anchor(self, batch: BatchRow) -> None:
+        root = bytes.fromhex(batch.root.removeprefix("0x"))
+        anchored = await self._chain.find_anchor(root)
+        if anchored is None:
+            try:
+                anchored = await self._chain.settle_batch(
+                    root, batch.count, batch.id.to_bytes(32, "big")
+                )
+            except DuplicateRoot:
+                # Settled between our look-up and the send (another relayer, or a race).
+                anchored = await self._chain.find_anchor(root)
+                if anchored is None:
+                    raise
+            failpoint("after_tx_sent")
+        await asyncio.to_thread(
+            self._ledger.mark_anchored,
+            batch.id,
+            anchored.tx_hash,
+            anchored.block_number,
+            anchored.gas_used,
+            anchored.batch_index,
+        )
+        self.anchored.append(anchored)
+        log.info(
+            "batch anchored",
+            extra={"batch_id": batch.id, "records": batch.count, "gas_used": anchored.gas_used},
+        )

@@ -1,0 +1,250 @@
+"""The ledger logic both backends share: the same SQL, the same checks, the same results.
+
+A backend supplies the connection and its transaction handling (``_transaction``), its
+placeholder style, its migrations and its fastest way to insert many records
+(``_insert_records``). Everything else is written once here, so SQLite and PostgreSQL cannot
+drift apart in behaviour.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+from schemas.settlement import SettlementRecord
+from settlement.ledger.base import (
+    BATCH_COLUMNS,
+    RECORD_COLUMNS,
+    BatchConflictError,
+    BatchMember,
+    BatchNotFoundError,
+    BatchRow,
+    LedgerError,
+    RejectedInput,
+    StoredRecord,
+    batch_row,
+    check_members,
+    record_row,
+    rejection_row,
+    stored_record,
+)
+
+__all__ = ["SqlLedger"]
+
+_GET_COLUMNS = ", ".join((*RECORD_COLUMNS, "batch_id", "leaf_index", "leaf_hash"))
+_BATCH_SELECT = ", ".join(f"b.{c}" for c in BATCH_COLUMNS)
+_STORED = "r.request_id, r.node_id, r.envelope_json, r.received_unix_ms"
+# The f-strings in SQL below (noqa: S608) splice only these module constants and the backend's
+# order column; every value goes through a bound parameter.
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SqlLedger:
+    """Base of ``SqliteLedger`` and ``PostgresLedger``. Not used directly.
+
+    One connection, one lock: every public method is one transaction and holds the lock for
+    its duration, so calls from several threads (``asyncio.to_thread``) never interleave
+    statements of two transactions on the shared connection.
+    """
+
+    _PARAM: ClassVar[str] = "?"
+    _INTEGRITY_ERRORS: ClassVar[tuple[type[Exception], ...]] = ()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # --- backend hooks -------------------------------------------------------------------
+
+    def _transaction(self, *, write: bool = True) -> AbstractContextManager[Any]:
+        """Begin; yield a DB-API cursor; commit on success, roll back on any exception.
+        ``write=False`` marks a read-only transaction, which need not take a write lock."""
+        raise NotImplementedError
+
+    def _insert_records(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+        """Insert ``rows`` (``RECORD_COLUMNS`` order), skipping existing keys; return inserted."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self._PARAM) if self._PARAM != "?" else text
+
+    def _query(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, self._transaction(write=False) as cur:
+            cur.execute(self._sql(text), params)
+            return list(cur.fetchall())
+
+    # --- records -------------------------------------------------------------------------
+
+    def store(self, accepted: Sequence[SettlementRecord], rejected: Sequence[RejectedInput]) -> int:
+        now = now_ms()
+        rows = [record_row(r, now) for r in accepted]
+        rejections = [rejection_row(item, now) for item in rejected]
+        with self._lock, self._transaction() as cur:
+            inserted = self._insert_records(cur, rows) if rows else 0
+            if rejections:
+                cur.executemany(
+                    self._sql(
+                        "INSERT INTO rejections (reason, detail, request_id, node_id, raw_sha256,"
+                        ' topic, partition, "offset", received_unix_ms)'
+                        " VALUES (?,?,?,?,?,?,?,?,?)"
+                        ' ON CONFLICT (topic, partition, "offset") DO NOTHING'
+                    ),
+                    rejections,
+                )
+        return inserted
+
+    def count(self) -> int:
+        ((n,),) = self._query("SELECT COUNT(*) FROM records")
+        return int(n)
+
+    def rejection_counts(self) -> dict[str, int]:
+        rows = self._query("SELECT reason, COUNT(*) FROM rejections GROUP BY reason")
+        return {reason: int(n) for reason, n in rows}
+
+    def get(self, request_id: str) -> list[dict[str, Any]]:
+        with self._lock, self._transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {_GET_COLUMNS} FROM records"  # noqa: S608
+                    " WHERE request_id = ? ORDER BY node_id"
+                ),
+                (request_id,),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def usage(self, payer: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE payer = ?", (payer,)) if payer is not None else ("", ())
+        rows = self._query(
+            "SELECT payer, model_id, COUNT(*),"  # noqa: S608
+            " SUM(input_tokens), SUM(output_tokens)"
+            f" FROM records {where} GROUP BY payer, model_id ORDER BY payer, model_id",
+            params,
+        )
+        return [
+            {
+                "payer": p,
+                "model_id": m,
+                "requests": int(n),
+                "input_tokens": int(i),
+                "output_tokens": int(o),
+            }
+            for p, m, n, i, o in rows
+        ]
+
+    # --- batching ------------------------------------------------------------------------
+
+    _ORDER: ClassVar[str] = "rowid"
+    """Column holding insertion order: SQLite's implicit rowid, PostgreSQL's ``seq``."""
+
+    def unbatched(self, limit: int) -> list[StoredRecord]:
+        rows = self._query(
+            f"SELECT {_STORED} FROM records r WHERE r.batch_id IS NULL"  # noqa: S608
+            f" ORDER BY r.{self._ORDER} LIMIT ?",
+            (limit,),
+        )
+        return [stored_record(*row) for row in rows]
+
+    def oldest_unbatched_unix_ms(self) -> int | None:
+        ((oldest,),) = self._query(
+            "SELECT MIN(received_unix_ms) FROM records WHERE batch_id IS NULL"
+        )
+        return None if oldest is None else int(oldest)
+
+    def create_batch(self, root_hex: str, members: Sequence[BatchMember]) -> int:
+        check_members(members)
+        try:
+            with self._lock, self._transaction() as cur:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO batches (root, count, status, created_unix_ms)"
+                        " VALUES (?, ?, 'built', ?) RETURNING id"
+                    ),
+                    (root_hex, len(members), now_ms()),
+                )
+                ((batch_id,),) = cur.fetchall()
+                cur.executemany(
+                    self._sql(
+                        "UPDATE records SET batch_id = ?, leaf_index = ?, leaf_hash = ?"
+                        " WHERE request_id = ? AND node_id = ? AND batch_id IS NULL"
+                    ),
+                    [(batch_id, i, leaf, rid, nid) for rid, nid, i, leaf in members],
+                )
+                if cur.rowcount != len(members):
+                    raise BatchConflictError(
+                        f"{len(members) - cur.rowcount} of {len(members)} members are missing"
+                        " or already in a batch"
+                    )
+        except self._INTEGRITY_ERRORS as e:
+            raise BatchConflictError(f"batch {root_hex} conflicts with a stored one: {e}") from e
+        return int(batch_id)
+
+    def open_batches(self) -> list[BatchRow]:
+        rows = self._query(
+            f"SELECT {_BATCH_SELECT} FROM batches b"  # noqa: S608
+            " WHERE b.status = 'built' ORDER BY b.id"
+        )
+        return [batch_row(row) for row in rows]
+
+    def batch(self, batch_id: int) -> BatchRow:
+        rows = self._query(
+            f"SELECT {_BATCH_SELECT} FROM batches b WHERE b.id = ?",  # noqa: S608
+            (batch_id,),
+        )
+        if not rows:
+            raise BatchNotFoundError(batch_id)
+        return batch_row(rows[0])
+
+    def mark_anchored(
+        self, batch_id: int, tx_hash: str, block_number: int, gas_used: int, batch_index: int
+    ) -> None:
+        with self._lock, self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE batches SET status = 'anchored', tx_hash = ?, block_number = ?,"
+                    " gas_used = ?, batch_index = ?, anchored_unix_ms = ?"
+                    " WHERE id = ? AND status = 'built'"
+                ),
+                (tx_hash, block_number, gas_used, batch_index, now_ms(), batch_id),
+            )
+            if cur.rowcount == 1:
+                return
+            cur.execute(self._sql("SELECT tx_hash FROM batches WHERE id = ?"), (batch_id,))
+            found = cur.fetchall()
+        if not found:
+            raise BatchNotFoundError(batch_id)
+        if found[0][0] != tx_hash:
+            raise LedgerError(f"batch {batch_id} is already anchored by {found[0][0]}")
+
+    def batch_leaves(self, batch_id: int) -> list[str]:
+        rows = self._query(
+            "SELECT leaf_hash FROM records WHERE batch_id = ? ORDER BY leaf_index", (batch_id,)
+        )
+        return [leaf for (leaf,) in rows]
+
+    def record_batch(
+        self, request_id: str
+    ) -> list[tuple[StoredRecord, BatchRow | None, int | None, str | None]]:
+        rows = self._query(
+            f"SELECT {_STORED}, r.leaf_index, r.leaf_hash, {_BATCH_SELECT}"  # noqa: S608
+            " FROM records r LEFT JOIN batches b ON b.id = r.batch_id"
+            " WHERE r.request_id = ? ORDER BY r.node_id",
+            (request_id,),
+        )
+        result: list[tuple[StoredRecord, BatchRow | None, int | None, str | None]] = []
+        for row in rows:
+            record = stored_record(*row[:4])
+            leaf_index, leaf_hash, batch = row[4], row[5], row[6:]
+            found = batch_row(batch) if batch[0] is not None else None
+            result.append((record, found, leaf_index, leaf_hash))
+        return result
