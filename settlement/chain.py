@@ -292,6 +292,11 @@ class SettlementChain:
         async with _translated("isSettled"):
             return bool(await self._contract.functions.isSettled(root).call())
 
+    async def batch_count(self) -> int:
+        """How many roots the contract holds (``batchCount``): ledger and chain must agree."""
+        async with _translated("batchCount"):
+            return int(await self._contract.functions.batchCount().call())
+
     async def verify_inclusion(self, root: bytes, leaf: bytes, proof: list[bytes]) -> bool:
         """True when ``root`` is anchored and ``proof`` proves ``leaf`` in its tree (a view)."""
         _check_bytes32("root", root)
