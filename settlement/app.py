@@ -87,6 +87,7 @@ class SettlementService:
     async def _settle(self, batches: dict[TopicPartition, list[Any]]) -> None:
         assert self._consumer is not None and self.ledger is not None
         accepted: list[SettlementRecord] = []
+        origins: list[str] = []
         rejected: list[tuple[Rejected, bytes | None, str, int, int]] = []
         offsets = {}
         for tp, records in batches.items():
@@ -100,9 +101,10 @@ class SettlementService:
                     )
                 else:
                     accepted.append(outcome.record)
+                    origins.append(f"{tp.topic}/{tp.partition}/{msg.offset}")
             offsets[tp] = records[-1].offset + 1
         failpoint("before_ledger_write")
-        inserted = await asyncio.to_thread(self.ledger.store, accepted, rejected)
+        inserted = await asyncio.to_thread(self.ledger.store, accepted, rejected, origins)
         failpoint("after_ledger_write")
         await self._consumer.commit(offsets)
         self.seen += len(accepted) + len(rejected)

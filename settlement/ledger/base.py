@@ -57,6 +57,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "signature",
     "envelope_json",
     "received_unix_ms",
+    "origin",
 )
 """Columns written by ``store``, in the order of ``record_row``; both backends share them."""
 
@@ -117,10 +118,18 @@ class Ledger(Protocol):
     """The settlement ledger. One row per (request id, node id); every method is one transaction
     and safe to call from worker threads (the service uses ``asyncio.to_thread``)."""
 
-    def store(self, accepted: Sequence[SettlementRecord], rejected: Sequence[RejectedInput]) -> int:
+    def store(
+        self,
+        accepted: Sequence[SettlementRecord],
+        rejected: Sequence[RejectedInput],
+        origins: Sequence[str] | None = None,
+    ) -> int:
         """Store records and rejections in one transaction; return how many records were new.
-        Redelivered records (same request and node) and rejections (same topic, partition,
-        offset) are no-ops."""
+
+        ``origins`` (``"topic/partition/offset"`` per accepted record) tells a redelivery of
+        the same message (a no-op) from a *replay*: the same (request, node) arriving in
+        another message, which is stored as a ``replay`` rejection. Rejections of the same
+        topic, partition and offset are stored once."""
         ...
 
     def count(self) -> int: ...
@@ -175,7 +184,7 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
-def record_row(record: SettlementRecord, now_ms: int) -> tuple[Any, ...]:
+def record_row(record: SettlementRecord, now_ms: int, origin: str | None = None) -> tuple[Any, ...]:
     e = record.envelope
     return (
         e.request_id,
@@ -192,6 +201,7 @@ def record_row(record: SettlementRecord, now_ms: int) -> tuple[Any, ...]:
         record.signature,
         e.model_dump_json(),
         now_ms,
+        origin,
     )
 
 

@@ -79,6 +79,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX records_batch_leaf ON records (batch_id, leaf_index);
     CREATE INDEX records_unbatched ON records (seq) WHERE batch_id IS NULL;
     """,
+    # v3: where each record came from ("topic/partition/offset"), so a record arriving again
+    # from another message is told apart from a redelivery of the same one (a replay).
+    """
+    ALTER TABLE records ADD COLUMN origin TEXT;
+    """,
 )
 """Numbered from 1; table ``schema_migrations`` lists those applied. Append, never edit."""
 

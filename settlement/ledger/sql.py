@@ -31,6 +31,7 @@ from settlement.ledger.base import (
     rejection_row,
     stored_record,
 )
+from settlement.verify import Rejected
 
 __all__ = ["SqlLedger"]
 
@@ -85,12 +86,20 @@ class SqlLedger:
 
     # --- records -------------------------------------------------------------------------
 
-    def store(self, accepted: Sequence[SettlementRecord], rejected: Sequence[RejectedInput]) -> int:
+    def store(
+        self,
+        accepted: Sequence[SettlementRecord],
+        rejected: Sequence[RejectedInput],
+        origins: Sequence[str] | None = None,
+    ) -> int:
         now = now_ms()
-        rows = [record_row(r, now) for r in accepted]
-        rejections = [rejection_row(item, now) for item in rejected]
+        if origins is not None and len(origins) != len(accepted):
+            raise ValueError("one origin per accepted record")
         with self._lock, self._transaction() as cur:
+            fresh, replays = self._split_replays(cur, accepted, origins)
+            rows = [record_row(r, now, o) for r, o in fresh]
             inserted = self._insert_records(cur, rows) if rows else 0
+            rejections = [rejection_row(item, now) for item in [*rejected, *replays]]
             if rejections:
                 cur.executemany(
                     self._sql(
@@ -102,6 +111,42 @@ class SqlLedger:
                     rejections,
                 )
         return inserted
+
+    def _split_replays(
+        self,
+        cur: Any,
+        accepted: Sequence[SettlementRecord],
+        origins: Sequence[str] | None,
+    ) -> tuple[list[tuple[SettlementRecord, str | None]], list[RejectedInput]]:
+        """Records to insert, and replays: a (request, node) already stored (or earlier in
+        this batch) from a different origin. Without origins nothing is a replay."""
+        if origins is None:
+            return [(r, None) for r in accepted], []
+        seen: dict[tuple[str, str], str | None] = {}
+        request_ids = sorted({r.envelope.request_id for r in accepted})
+        for start in range(0, len(request_ids), 500):
+            chunk = request_ids[start : start + 500]
+            cur.execute(
+                self._sql(
+                    "SELECT request_id, node_id, origin FROM records"  # noqa: S608
+                    f" WHERE request_id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            seen.update({(rid, nid): origin for rid, nid, origin in cur.fetchall()})
+        fresh: list[tuple[SettlementRecord, str | None]] = []
+        replays: list[RejectedInput] = []
+        for record, origin in zip(accepted, origins, strict=True):
+            key = (record.envelope.request_id, record.envelope.node_id)
+            if key not in seen:
+                seen[key] = origin
+                fresh.append((record, origin))
+            elif seen[key] not in (None, origin):
+                topic, partition, offset = origin.rsplit("/", 2)
+                rejection = Rejected("replay", "already settled from another message", *key)
+                raw = record.model_dump_json().encode()
+                replays.append((rejection, raw, topic, int(partition), int(offset)))
+        return fresh, replays
 
     def count(self) -> int:
         ((n,),) = self._query("SELECT COUNT(*) FROM records")

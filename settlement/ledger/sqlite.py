@@ -73,6 +73,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE records ADD COLUMN leaf_hash TEXT;
     CREATE UNIQUE INDEX records_batch_leaf ON records (batch_id, leaf_index);
     """,
+    # v3: where each record came from ("topic/partition/offset"), so a record arriving again
+    # from another message is told apart from a redelivery of the same one (a replay).
+    """
+    ALTER TABLE records ADD COLUMN origin TEXT;
+    """,
 )
 """Numbered from 1; ``PRAGMA user_version`` holds the last one applied. Append, never edit."""
 

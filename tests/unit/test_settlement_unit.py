@@ -236,7 +236,7 @@ def test_reopening_keeps_rows_and_schema_version(ledger_path: Path) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
     finally:
         db.close()
-    assert version == 2  # v1 records + rejections, v2 Merkle batches
+    assert version == 3  # v1 records + rejections, v2 Merkle batches, v3 record origins
 
 
 def test_get_returns_row_with_parseable_envelope(ledger: SqliteLedger) -> None:
@@ -262,3 +262,26 @@ def test_failed_batch_stores_nothing(ledger: SqliteLedger) -> None:
         ledger.store([_record()], [bad])
     assert ledger.count() == 0
     assert ledger.rejection_counts() == {}
+
+
+def test_replay_from_another_message_is_rejected_but_redelivery_is_not(
+    ledger: SqliteLedger,
+) -> None:
+    record = _record(Signer(bytes([9]) * 32))
+    assert ledger.store([record], [], ["og.settlement/0/5"]) == 1
+    # The same message again (a redelivery after a crash): nothing new, nothing rejected.
+    assert ledger.store([record], [], ["og.settlement/0/5"]) == 0
+    assert ledger.rejection_counts() == {}
+    # The same record in another message: a replay, booked as a rejection with its origin.
+    assert ledger.store([record], [], ["og.settlement/2/9"]) == 0
+    assert ledger.rejection_counts() == {"replay": 1}
+    # ...and only once, however often that message is redelivered.
+    ledger.store([record], [], ["og.settlement/2/9"])
+    assert ledger.rejection_counts() == {"replay": 1}
+    assert ledger.count() == 1
+
+
+def test_replay_within_one_batch(ledger: SqliteLedger) -> None:
+    record = _record(Signer(bytes([8]) * 32))
+    assert ledger.store([record, record], [], ["t/0/1", "t/0/2"]) == 1
+    assert ledger.rejection_counts() == {"replay": 1}
