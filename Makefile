@@ -33,6 +33,13 @@ demo: install
 	done
 	@echo "== settlement ledger =="
 	@sleep 1; $(NODE) settlement status
+	@echo "== demo-lm: inclusion proof, checked against the chain =="
+	@rid=$$($(BIN)/python -c "import json; print(json.load(open('$(DEMO)/demo-lm.reply.json'))['request_id'])"); \
+	for i in $$(seq 60); do \
+	  $(NODE) settlement proof $$rid > $(DEMO)/demo-lm.proof.json 2>/dev/null && break; sleep 0.5; \
+	done; \
+	cat $(DEMO)/demo-lm.proof.json; \
+	$(NODE) verify $(DEMO)/demo-lm.reply.json --inclusion $(DEMO)/demo-lm.proof.json | tail -n 1
 	@echo "The stack is still running: '$(NODE) stack down' stops it."
 
 lint: install
