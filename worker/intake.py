@@ -118,6 +118,7 @@ class Intake:
         self._progress = asyncio.Event()
         self._stopping = asyncio.Event()
         self._recent: OrderedDict[str, None] = OrderedDict()
+        self._active_ids: set[str] = set()
         self.max_concurrency_seen = 0
         self.fatal: BaseException | None = None
         """Set when the worker must exit non-zero (a publish failed): let the orchestrator
@@ -195,6 +196,7 @@ class Intake:
 
     async def _process(self, tp: TopicPartition, part: _Partition, record: Any) -> None:
         headers = list(record.headers or ())
+        action: _Reply | _DeadLetter | None = None
         try:
             # The window bounds execution; publishing (waiting for broker acks) happens after
             # the slot is released, so produce latency does not idle the engine. The request
@@ -222,6 +224,8 @@ class Intake:
         else:
             part.complete(record.offset)
         finally:
+            if isinstance(action, _Reply) and action.remember_id is not None:
+                self._active_ids.discard(action.remember_id)
             part.tasks.pop(record.offset, None)
             self._in_flight -= 1
             self._progress.set()
@@ -242,9 +246,21 @@ class Intake:
             )
             return _Reply(Outcome(reply), self._allowed_reply_topic(decoded.reply_to))
         request = decoded.message
-        if request.request_id in self._recent:
+        if request.request_id in self._recent or request.request_id in self._active_ids:
+            # Answered already, or being answered now. If that answer fails to publish, the
+            # worker stops before committing past it, so this copy is redelivered: safe.
             log.info("duplicate request dropped", extra={"request_id": request.request_id})
             return None
+        # Held until the answer is acknowledged (released in ``_process``), or released now if
+        # answering is abandoned, so a later redelivery is not mistaken for a duplicate.
+        self._active_ids.add(request.request_id)
+        try:
+            return await self._answer(tp, request, decoded.document["payload"])
+        except BaseException:
+            self._active_ids.discard(request.request_id)
+            raise
+
+    async def _answer(self, tp: TopicPartition, request: InferenceRequest, payload: Any) -> _Reply:
         reply_to = self._allowed_reply_topic(request.reply_to)
         topic_model = self._topics.model_of(tp.topic)
         if reply_to != request.reply_to:
@@ -255,7 +271,7 @@ class Intake:
                 f"request for another model arrived on the topic of {topic_model}",
             )
         else:
-            outcome = await self._run_pipeline(request, decoded.document["payload"])
+            outcome = await self._run_pipeline(request, payload)
             return _Reply(outcome, reply_to, request.request_id)
         reply = self._pipeline.error(request.request_id, request.model, *error)
         return _Reply(Outcome(reply), reply_to, request.request_id)

@@ -13,7 +13,16 @@ from aiokafka import AIOKafkaProducer
 
 from client import InferenceClient, build_request, verify_result
 from infra.broker import BrokerProcess
-from schemas import ChatInput, ChatMessage, InferenceResult, MLInput, SamplingParams, Tensor, Topics
+from schemas import (
+    ChatInput,
+    ChatMessage,
+    InferenceResult,
+    MLInput,
+    SamplingParams,
+    Tensor,
+    Topics,
+    encode,
+)
 from settlement.app import SettlementService
 from tests.support import eventually, fast_kafka, read_topic
 from worker.app import Worker
@@ -109,3 +118,31 @@ async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
     assert isinstance(reply, InferenceResult)
     expected = hashlib.sha256(rfc8785.dumps(payload)).hexdigest()
     assert reply.envelope.input_hash == expected
+
+
+async def test_request_redelivered_to_the_same_worker_is_answered_once(
+    broker: BrokerProcess, namespace: str, running_worker: Worker
+) -> None:
+    topics = Topics(namespace)
+    request = build_request("demo-mlp", _ml(3), reply_to=topics.replies)
+    follow_up = build_request("demo-mlp", _ml(4), reply_to=topics.replies)
+    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+        first = client.expect(request.request_id)
+        second = client.expect(follow_up.request_id)
+        producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
+        await producer.start()
+        try:
+            # Same partition (same key): the copy is fetched with the original, while it is
+            # still in flight, and must be dropped all the same.
+            for r in (request, request, follow_up):
+                await producer.send_and_wait(
+                    topics.infer("demo-mlp"), encode(r), key=request.request_id.encode()
+                )
+        finally:
+            await producer.stop()
+        assert isinstance(await asyncio.wait_for(first, 30), InferenceResult)
+        assert isinstance(await asyncio.wait_for(second, 30), InferenceResult)
+    replies = await read_topic(broker.bootstrap, topics.replies)
+    keys = [m.key.decode() for m in replies]
+    assert keys.count(request.request_id) == 1
+    assert keys.count(follow_up.request_id) == 1
