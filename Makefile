@@ -54,6 +54,7 @@ test: install lint typecheck
 
 bench: install
 	$(BIN)/python -m bench.intake
+	$(BIN)/python -m bench.settlement
 
 down:
 	$(NODE) stack down

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.processes import stop_pidfile
+from infra.processes import log_tail, port_open, spawn, stop_pidfile, terminate
 
 __all__ = [
     "BrokerAlreadyRunning",
@@ -70,7 +70,6 @@ _TANSU_ENV_VARS = (
 _API_VERSIONS_KEY = 18
 _MAX_RESPONSE_BYTES = 1 << 20
 _POLL_INTERVAL_S = 0.05
-_LOG_TAIL_LINES = 20
 
 
 class BrokerError(Exception):
@@ -179,32 +178,6 @@ def free_port() -> int:
         return port
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _log_tail(log_path: Path) -> str:
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(empty log)"
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start_broker(
     host: str = "127.0.0.1",
     port: int = 9092,
@@ -222,7 +195,7 @@ def start_broker(
     the port, and :class:`BrokerError` when something else holds it, when the broker exits
     early (the message carries the end of its log) or is not ready within ``ready_timeout_s``.
     """
-    if _port_open(host, port):
+    if port_open(host, port):
         if kafka_api_versions_ok(host, port):
             raise BrokerAlreadyRunning(f"a Kafka broker is already running on {host}:{port}")
         raise BrokerError(f"port {host}:{port} is in use by something that is not a Kafka broker")
@@ -230,37 +203,33 @@ def start_broker(
     url = f"tcp://{host}:{port}"
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
     env["NO_COLOR"] = "1"  # Tansu colours its log even when writing to a file
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(binary),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=detach,
-        )
+    proc = spawn(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        log_path=log_path,
+        detach=detach,
+        env=env,
+    )
     deadline = time.monotonic() + ready_timeout_s
     while not kafka_api_versions_ok(host, port, timeout_s=0.5):
         if proc.poll() is not None:
             raise BrokerError(
                 f"tansu exited with status {proc.returncode} before becoming ready on {url}; "
-                f"end of {log_path}:\n{_log_tail(log_path)}"
+                f"end of {log_path}:\n{log_tail(log_path)}"
             )
         if time.monotonic() >= deadline:
-            _terminate(proc, timeout_s=2.0)
+            terminate(proc, timeout_s=2.0)
             raise BrokerError(
                 f"tansu not ready on {url} after {ready_timeout_s:.1f} s; "
-                f"end of {log_path}:\n{_log_tail(log_path)}"
+                f"end of {log_path}:\n{log_tail(log_path)}"
             )
         time.sleep(_POLL_INTERVAL_S)
     if pid_path is not None:
@@ -289,4 +258,4 @@ def running_broker(
     try:
         yield BrokerProcess(host=host, port=chosen_port, pid=proc.pid, log_path=log_path)
     finally:
-        _terminate(proc, timeout_s=5.0)
+        terminate(proc, timeout_s=5.0)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.broker import free_port
-from infra.processes import stop_pidfile
+from infra.processes import log_tail, port_open, spawn, stop_pidfile, terminate
 
 __all__ = [
     "DEV_ACCOUNTS",
@@ -75,7 +74,6 @@ DEV_ACCOUNTS: tuple[str, ...] = (
 """Addresses of anvil's ten prefunded accounts (index ``i`` ↔ :func:`dev_private_key` ``(i)``)."""
 
 _POLL_INTERVAL_S = 0.05
-_LOG_TAIL_LINES = 20
 
 
 class ChainError(Exception):
@@ -139,32 +137,6 @@ def rpc_ready(url: str, timeout_s: float = 1.0) -> bool:
     return rpc_chain_id(url, timeout_s) is not None
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _log_tail(log_path: Path) -> str:
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(empty log)"
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start_anvil(
     host: str = "127.0.0.1",
     port: int = 8545,
@@ -186,7 +158,7 @@ def start_anvil(
     carries the end of its log) or is not ready within ``ready_timeout_s``.
     """
     url = f"http://{host}:{port}"
-    if _port_open(host, port):
+    if port_open(host, port):
         if rpc_ready(url):
             raise ChainAlreadyRunning(f"a JSON-RPC node is already running on {url}")
         raise ChainError(f"port {host}:{port} is in use by something that is not a chain node")
@@ -201,27 +173,19 @@ def start_anvil(
     ]
     if block_time_s is not None:
         args += ["--block-time", f"{block_time_s:g}"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: S603 - fixed binary, no shell
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=detach,
-        )
+    proc = spawn(args, log_path=log_path, detach=detach)
     deadline = time.monotonic() + ready_timeout_s
     while rpc_chain_id(url, timeout_s=0.5) != chain_id:
         if proc.poll() is not None:
             raise ChainError(
                 f"anvil exited with status {proc.returncode} before becoming ready on {url}; "
-                f"end of {log_path}:\n{_log_tail(log_path)}"
+                f"end of {log_path}:\n{log_tail(log_path)}"
             )
         if time.monotonic() >= deadline:
-            _terminate(proc, timeout_s=2.0)
+            terminate(proc, timeout_s=2.0)
             raise ChainError(
                 f"anvil not ready on {url} after {ready_timeout_s:.1f} s; "
-                f"end of {log_path}:\n{_log_tail(log_path)}"
+                f"end of {log_path}:\n{log_tail(log_path)}"
             )
         time.sleep(_POLL_INTERVAL_S)
     if pid_path is not None:
@@ -259,7 +223,7 @@ def running_anvil(
             host=host, port=chosen_port, pid=proc.pid, chain_id=chain_id, log_path=log_path
         )
     finally:
-        _terminate(proc, timeout_s=5.0)
+        terminate(proc, timeout_s=5.0)
 
 
 @functools.cache

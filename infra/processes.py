@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-__all__ = ["alive", "read_pid", "running_pid", "stop_pidfile"]
+__all__ = [
+    "alive",
+    "log_tail",
+    "port_open",
+    "read_pid",
+    "running_pid",
+    "spawn",
+    "stop_pidfile",
+    "terminate",
+]
 
 _POLL_INTERVAL_S = 0.05
 
@@ -86,3 +99,63 @@ def stop_pidfile(pid_path: Path, *, marker: bytes, timeout_s: float = 5.0) -> bo
         return False
     finally:
         pid_path.unlink(missing_ok=True)
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def log_tail(log_path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log, for error messages."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM a child, SIGKILL it after ``timeout_s``, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def spawn(
+    args: list[str], *, log_path: Path, detach: bool, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a service binary with its output in ``log_path``.
+
+    ``detach=True``: its own session, outliving the caller (``stack up``). Otherwise it is
+    tied to the caller: on Linux it gets SIGKILL when the caller dies, so a test run that
+    crashes (or is killed) never leaves a broker or chain behind.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        return subprocess.Popen(  # noqa: S603 - our own fixed binaries, no shell
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=detach,
+            preexec_fn=None if detach else _die_with_parent,
+        )
+
+
+def _die_with_parent() -> None:
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
