@@ -246,7 +246,7 @@ def print_tables(results: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
