@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.processes import log_tail, port_open, spawn, stop_pidfile, terminate
+from infra.processes import port_open, spawn, stop_pidfile, terminate, wait_started
 
 __all__ = [
     "BrokerAlreadyRunning",
@@ -218,23 +218,15 @@ def start_broker(
         detach=detach,
         env=env,
     )
-    deadline = time.monotonic() + ready_timeout_s
-    while not kafka_api_versions_ok(host, port, timeout_s=0.5):
-        if proc.poll() is not None:
-            raise BrokerError(
-                f"tansu exited with status {proc.returncode} before becoming ready on {url}; "
-                f"end of {log_path}:\n{log_tail(log_path)}"
-            )
-        if time.monotonic() >= deadline:
-            terminate(proc, timeout_s=2.0)
-            raise BrokerError(
-                f"tansu not ready on {url} after {ready_timeout_s:.1f} s; "
-                f"end of {log_path}:\n{log_tail(log_path)}"
-            )
-        time.sleep(_POLL_INTERVAL_S)
-    if pid_path is not None:
-        pid_path.parent.mkdir(parents=True, exist_ok=True)
-        pid_path.write_text(f"{proc.pid}\n")
+    wait_started(
+        proc,
+        lambda: kafka_api_versions_ok(host, port, timeout_s=0.5),
+        what=f"tansu on {url}",
+        log_path=log_path,
+        timeout_s=ready_timeout_s,
+        error=BrokerError,
+        pid_path=pid_path,
+    )
     return proc
 
 

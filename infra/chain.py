@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.broker import free_port
-from infra.processes import log_tail, port_open, spawn, stop_pidfile, terminate
+from infra.processes import port_open, spawn, stop_pidfile, terminate, wait_started
 
 __all__ = [
     "DEV_ACCOUNTS",
@@ -73,7 +72,6 @@ DEV_ACCOUNTS: tuple[str, ...] = (
 )
 """Addresses of anvil's ten prefunded accounts (index ``i`` ↔ :func:`dev_private_key` ``(i)``)."""
 
-_POLL_INTERVAL_S = 0.05
 
 
 class ChainError(Exception):
@@ -174,23 +172,15 @@ def start_anvil(
     if block_time_s is not None:
         args += ["--block-time", f"{block_time_s:g}"]
     proc = spawn(args, log_path=log_path, detach=detach)
-    deadline = time.monotonic() + ready_timeout_s
-    while rpc_chain_id(url, timeout_s=0.5) != chain_id:
-        if proc.poll() is not None:
-            raise ChainError(
-                f"anvil exited with status {proc.returncode} before becoming ready on {url}; "
-                f"end of {log_path}:\n{log_tail(log_path)}"
-            )
-        if time.monotonic() >= deadline:
-            terminate(proc, timeout_s=2.0)
-            raise ChainError(
-                f"anvil not ready on {url} after {ready_timeout_s:.1f} s; "
-                f"end of {log_path}:\n{log_tail(log_path)}"
-            )
-        time.sleep(_POLL_INTERVAL_S)
-    if pid_path is not None:
-        pid_path.parent.mkdir(parents=True, exist_ok=True)
-        pid_path.write_text(f"{proc.pid}\n")
+    wait_started(
+        proc,
+        lambda: rpc_chain_id(url, timeout_s=0.5) == chain_id,
+        what=f"anvil on {url}",
+        log_path=log_path,
+        timeout_s=ready_timeout_s,
+        error=ChainError,
+        pid_path=pid_path,
+    )
     return proc
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "spawn",
     "stop_pidfile",
     "terminate",
+    "wait_started",
 ]
 
 _POLL_INTERVAL_S = 0.05
@@ -150,6 +152,35 @@ def spawn(
             start_new_session=detach,
             preexec_fn=None if detach else _die_with_parent,
         )
+
+
+def wait_started(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    log_path: Path,
+    timeout_s: float,
+    error: type[Exception],
+    pid_path: Path | None = None,
+) -> None:
+    """Poll ``ready`` until it holds; raise ``error`` (with the log's tail) if the process
+    exits first or is not ready in time (then it is stopped). Writes ``pid_path`` on success."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise error(
+                f"{what} exited with status {proc.returncode} before becoming ready; "
+                f"end of {log_path}:\n{log_tail(log_path)}"
+            )
+        if time.monotonic() >= deadline:
+            terminate(proc, timeout_s=2.0)
+            tail = log_tail(log_path)
+            raise error(f"{what} not ready after {timeout_s:.1f} s; end of {log_path}:\n{tail}")
+        time.sleep(_POLL_INTERVAL_S)
+    if pid_path is not None:
+        pid_path.parent.mkdir(parents=True, exist_ok=True)
+        pid_path.write_text(f"{proc.pid}\n")
 
 
 def _die_with_parent() -> None:
