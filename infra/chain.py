@@ -73,7 +73,6 @@ DEV_ACCOUNTS: tuple[str, ...] = (
 """Addresses of anvil's ten prefunded accounts (index ``i`` ↔ :func:`dev_private_key` ``(i)``)."""
 
 
-
 class ChainError(Exception):
     """The anvil binary is missing, or anvil could not be started or reached."""
 
