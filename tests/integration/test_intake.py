@@ -712,3 +712,27 @@ async def test_sigkill_and_restart_answers_all_2000_and_settles_each_once_per_no
         if settle_task is not None:
             await asyncio.wait_for(settle_task, 30)
         await settlement.close()
+
+
+async def test_a_second_signal_exits_at_once_without_draining(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    model = "fixed-5000"
+    hub = _hub(tmp_path, model, 5000)
+    ns = await _new_namespace(broker.bootstrap, model, partitions=1)
+    env = _child_env(
+        broker.bootstrap, ns, model, hub, tmp_path / "node", OG_WORKER_DRAIN_TIMEOUT_S="30"
+    )
+    child = _Child(env, tmp_path / "run", "impatient")
+    try:
+        async with InferenceClient(fast_kafka(broker.bootstrap), Topics(ns)) as client:
+            await _send_all(client, _requests(model, 10))
+            await child.wait_ready()
+            await asyncio.sleep(1.0)  # requests are now executing (5 s each)
+            child.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            child.proc.send_signal(signal.SIGTERM)
+            # Far sooner than the 5 s engine or the 30 s drain bound.
+            assert await child.wait_exit(3) == 130, child.tail()
+    finally:
+        child.kill()
