@@ -86,12 +86,6 @@ class Batcher:
             if built is not None:
                 await self._anchor(built)
 
-    async def flush(self) -> None:
-        """Batch and anchor everything stored so far (tests, shutdown)."""
-        while await asyncio.to_thread(self._ledger.oldest_unbatched_unix_ms) is not None:
-            await self.step(force=True)
-        await self.step()
-
     async def _due(self) -> bool:
         oldest = await asyncio.to_thread(self._ledger.oldest_unbatched_unix_ms)
         if oldest is None:
