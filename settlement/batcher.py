@@ -77,11 +77,11 @@ class Batcher:
             except TimeoutError:
                 pass
 
-    async def step(self, *, force: bool = False) -> None:
+    async def step(self) -> None:
         """One round: finish open batches, then build and anchor at most one new one."""
         for batch in await asyncio.to_thread(self._ledger.open_batches):
             await self._anchor(batch)
-        if force or await self._due():
+        if await self._due():
             built = await self._build()
             if built is not None:
                 await self._anchor(built)
