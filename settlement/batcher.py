@@ -92,8 +92,8 @@ class Batcher:
             return False
         if self._clock_ms() - oldest >= self._config.max_age_s * 1000:
             return True
-        pending = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)
-        return len(pending) >= self._config.max_records
+        pending = await asyncio.to_thread(self._ledger.unbatched_count)
+        return pending >= self._config.max_records
 
     async def _build(self) -> BatchRow | None:
         records = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)

@@ -144,7 +144,9 @@ class Pipeline:
                 if attempt >= self._retries:
                     raise
             except Exception as e:
-                # Never log the exception text: runtimes echo inputs in their messages.
+                # An unknown failure is not retried here: an engine bug would only repeat.
+                # The reply says retryable, so the client may try again later (perhaps on
+                # another node). Never log the exception text: runtimes echo inputs in it.
                 log.error(
                     "engine failure",
                     extra={"request_id": request.request_id, "error_type": type(e).__name__},

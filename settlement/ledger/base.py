@@ -152,6 +152,10 @@ class Ledger(Protocol):
         """When the oldest unbatched record was stored, or None when all are batched."""
         ...
 
+    def unbatched_count(self) -> int:
+        """How many stored records are in no batch yet."""
+        ...
+
     def create_batch(self, root_hex: str, members: Sequence[BatchMember]) -> int:
         """Insert a ``built`` batch and assign exactly ``members`` to it, atomically; raise
         ``BatchConflictError`` (writing nothing) when one is missing or already batched."""

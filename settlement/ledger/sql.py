@@ -206,6 +206,10 @@ class SqlLedger:
         )
         return None if oldest is None else int(oldest)
 
+    def unbatched_count(self) -> int:
+        ((n,),) = self._query("SELECT COUNT(*) FROM records WHERE batch_id IS NULL")
+        return int(n)
+
     def create_batch(self, root_hex: str, members: Sequence[BatchMember]) -> int:
         check_members(members)
         try:

@@ -235,7 +235,9 @@ def _stored(ledger: Ledger, n: int) -> list[SettlementRecord]:
 def test_unbatched_oldest_first(ledger: Ledger) -> None:
     assert ledger.unbatched(10) == []
     assert ledger.oldest_unbatched_unix_ms() is None
+    assert ledger.unbatched_count() == 0
     records = _stored(ledger, 5)
+    assert ledger.unbatched_count() == 5
     got = ledger.unbatched(3)
     assert [r.request_id for r in got] == ["req-000", "req-001", "req-002"]
     assert got[0].envelope == records[0].envelope
@@ -253,6 +255,7 @@ def test_create_batch_assigns_members_and_refuses_batched_ones(ledger: Ledger) -
         [("req-000", node, 1, "0x" + "a1" * 32), ("req-001", node, 0, "0x" + "a0" * 32)],
     )
     assert [r.request_id for r in ledger.unbatched(10)] == ["req-002"]
+    assert ledger.unbatched_count() == 1
     assert ledger.batch_leaves(batch_id) == ["0x" + "a0" * 32, "0x" + "a1" * 32]
     built = ledger.batch(batch_id)
     assert (built.root, built.count, built.status, built.tx_hash) == (
