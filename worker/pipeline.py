@@ -10,19 +10,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from schemas.base import VerificationMode
 from schemas.requests import InferenceRequest, input_hash
-from schemas.results import ErrorCode, ErrorReply, InferenceResult, ResultEnvelope, output_hash
+from schemas.results import (
+    ErrorCode,
+    ErrorReply,
+    InferenceResult,
+    ResultEnvelope,
+    StreamChunk,
+    output_hash,
+)
 from schemas.settlement import SettlementRecord
-from worker.engines.base import Engine, EngineResult
+from worker.engines.base import Delta, Engine, EngineResult, RunContext
 from worker.errors import PermanentError, RetryableError, WorkerError
 from worker.trust.signer import Signer
 
-__all__ = ["Outcome", "Pipeline"]
+__all__ = ["ChunkSink", "Outcome", "Pipeline"]
+
+ChunkSink = Callable[[StreamChunk], Awaitable[None]]
+"""Where a streamed request's chunks go (the publisher, for the request's reply topic)."""
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +89,15 @@ class Pipeline:
         )
 
     async def handle(
-        self, request: InferenceRequest, payload_document: dict[str, Any] | None = None
+        self,
+        request: InferenceRequest,
+        payload_document: dict[str, Any] | None = None,
+        *,
+        chunks: ChunkSink | None = None,
     ) -> Outcome:
         """Run one request. ``payload_document`` is the payload object as received (see
-        ``schemas.requests.input_hash``); without it the normalised payload is hashed."""
+        ``schemas.requests.input_hash``); without it the normalised payload is hashed.
+        ``chunks`` receives the ``StreamChunk`` messages of a ``stream`` request."""
         engine = self._engines.get(request.model)
         if engine is None:
             return Outcome(
@@ -111,8 +126,14 @@ class Pipeline:
                     "deadline passed before execution",
                 )
             )
+        stream = _ChunkCounter(request.request_id, chunks) if request.stream and chunks else None
+        ctx = RunContext(
+            request_id=request.request_id,
+            deadline_unix_ms=request.deadline_unix_ms,
+            emit=stream.emit if stream is not None else None,
+        )
         try:
-            result = await self._run_with_retries(engine, request)
+            result = await self._run_with_retries(engine, request, ctx, stream)
         except WorkerError as e:
             return Outcome(
                 self.error(
@@ -133,15 +154,23 @@ class Pipeline:
                 )
             )
 
-    async def _run_with_retries(self, engine: Engine, request: InferenceRequest) -> EngineResult:
+    async def _run_with_retries(
+        self,
+        engine: Engine,
+        request: InferenceRequest,
+        ctx: RunContext,
+        stream: _ChunkCounter | None,
+    ) -> EngineResult:
         attempt = 0
         while True:
             try:
-                return await engine.run(request.payload)
+                return await engine.run(request.payload, ctx)
             except PermanentError:
                 raise
             except RetryableError:
-                if attempt >= self._retries:
+                # A retry after chunks went out would repeat them: the client already holds
+                # part of an answer, so it gets the error and decides.
+                if attempt >= self._retries or (stream is not None and stream.sent > 0):
                     raise
             except Exception as e:
                 # An unknown failure is not retried here: an engine bug would only repeat.
@@ -184,3 +213,24 @@ class Pipeline:
             output=result.output,
         )
         return Outcome(reply, SettlementRecord(envelope=envelope, signature=signature))
+
+
+class _ChunkCounter:
+    """Numbers a request's deltas into ``StreamChunk`` messages, in order."""
+
+    def __init__(self, request_id: str, sink: ChunkSink) -> None:
+        self._request_id = request_id
+        self._sink = sink
+        self.sent = 0
+
+    async def emit(self, delta: Delta) -> None:
+        if not delta.text and not delta.tool_calls:
+            return
+        chunk = StreamChunk(
+            request_id=self._request_id,
+            index=self.sent,
+            text=delta.text,
+            tool_calls=list(delta.tool_calls),
+        )
+        self.sent += 1
+        await self._sink(chunk)

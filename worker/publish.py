@@ -17,6 +17,7 @@ from nacl.public import PublicKey, SealedBox
 
 from schemas import topics as t
 from schemas.codec import encode
+from schemas.results import StreamChunk
 from schemas.topics import Topics
 from schemas.version import SCHEMA_VERSION
 from worker.pipeline import Outcome
@@ -59,6 +60,29 @@ class Publisher:
                 )
             )
         await asyncio.gather(*sends)
+
+    async def publish_chunk(
+        self,
+        chunk: StreamChunk,
+        reply_to: str | None,
+        request_headers: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Queue one stream chunk without waiting for its acknowledgement.
+
+        Chunks and the final reply share the key (the request id), so they land on one
+        partition in send order; the final reply is acknowledged only after the chunks before
+        it. A lost chunk costs nothing that matters: the signed result carries the whole output.
+        """
+        headers = [
+            (t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode()),
+            *_trace_headers(request_headers),
+        ]
+        await self._producer.send(
+            reply_to or self._topics.replies,
+            encode(chunk),
+            key=chunk.request_id.encode(),
+            headers=headers,
+        )
 
     async def dead_letter(
         self,

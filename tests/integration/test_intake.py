@@ -45,7 +45,7 @@ from settlement.app import SettlementService
 from settlement.settings import SettlementSettings
 from tests.support import eventually, fast_kafka, read_topic
 from worker.app import Worker
-from worker.engines.base import Engine, EngineResult
+from worker.engines.base import Engine, EngineResult, RunContext
 from worker.engines.fixed import FixedLatencyEngine
 from worker.models.demo import add_fixed_latency_model
 from worker.settings import WorkerSettings
@@ -458,12 +458,14 @@ class _Gated:
     def model_digest(self) -> str:
         return self._inner.model_digest
 
-    async def run(self, payload: ChatInput | MLInput) -> EngineResult:
+    async def run(
+        self, payload: ChatInput | MLInput, ctx: RunContext | None = None
+    ) -> EngineResult:
         assert isinstance(payload, MLInput)
         if payload.tensors["x"].data[0] == self._blocked_x0:
             self.blocked.set()
             await self.release.wait()
-        return await self._inner.run(payload)
+        return await self._inner.run(payload, ctx)
 
     async def close(self) -> None:
         await self._inner.close()

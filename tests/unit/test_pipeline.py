@@ -24,6 +24,7 @@ from schemas.results import (
 from schemas.settlement import SettlementRecord
 from schemas.signing import verify_envelope_signature
 from worker.engines import Engine, EngineResult, load_engine
+from worker.engines.base import RunContext
 from worker.errors import PermanentError, RetryableError
 from worker.models.local_hub import LocalHub
 from worker.pipeline import Outcome, Pipeline
@@ -60,7 +61,9 @@ class ScriptedEngine:
     def model_digest(self) -> str:
         return DIGEST
 
-    async def run(self, payload: ChatInput | MLInput) -> EngineResult:
+    async def run(
+        self, payload: ChatInput | MLInput, ctx: RunContext | None = None
+    ) -> EngineResult:
         self.calls.append(payload)
         if callable(self._failures):
             raise self._failures()

@@ -237,7 +237,7 @@ def test_sampling_params_bounds(params: dict[str, Any]) -> None:
         _request(
             payload={"kind": "ml", "tensors": {"x": {**_tensor("float32", [1], [0]), "z": 1}}}
         ),
-        _request(payload={**_chat([{"role": "user", "content": "hi"}]), "tools": []}),
+        _request(payload={**_chat([{"role": "user", "content": "hi"}]), "plugins": []}),
     ],
     ids=["request", "tensor", "chat"],
 )
@@ -415,7 +415,7 @@ def test_reply_schema_is_discriminated_by_type() -> None:
     schema = all_schemas()["Reply"]
     assert schema["discriminator"]["propertyName"] == "type"
     mapping = schema["discriminator"]["mapping"]
-    assert set(mapping) == {"result", "error"}
+    assert set(mapping) == {"result", "error", "chunk"}
     assert InferenceResult.__name__ in mapping["result"]
     assert ErrorReply.__name__ in mapping["error"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from schemas.requests import ChatInput, MLInput
 from schemas.results import ErrorCode, MLOutput
-from worker.engines.base import EngineResult
+from worker.engines.base import EngineResult, RunContext
 from worker.errors import PermanentError
 from worker.models.refs import ModelRef
 
@@ -41,7 +41,9 @@ class FixedLatencyEngine:
     def model_digest(self) -> str:
         return self._ref.digest
 
-    async def run(self, payload: ChatInput | MLInput) -> EngineResult:
+    async def run(
+        self, payload: ChatInput | MLInput, ctx: RunContext | None = None
+    ) -> EngineResult:
         if not isinstance(payload, MLInput):
             raise PermanentError(
                 f"model {self._ref.name} takes ml tensors", code=ErrorCode.BAD_REQUEST

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from schemas.requests import ChatInput, MLInput, SamplingParams
 from schemas.results import ChatOutput, ErrorCode, Usage
-from worker.engines.base import EngineResult
+from worker.engines.base import EngineResult, RunContext
 from worker.errors import PermanentError
 from worker.models.refs import ModelRef
 
@@ -91,7 +91,9 @@ class HFCausalLMEngine:
     def model_digest(self) -> str:
         return self._ref.digest
 
-    async def run(self, payload: ChatInput | MLInput) -> EngineResult:
+    async def run(
+        self, payload: ChatInput | MLInput, ctx: RunContext | None = None
+    ) -> EngineResult:
         if not isinstance(payload, ChatInput):
             raise PermanentError(
                 f"model {self._ref.name} takes chat messages, not ml tensors",

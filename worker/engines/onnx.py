@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from schemas.requests import ChatInput, MLInput, Tensor, TensorDType
 from schemas.results import ErrorCode, MLOutput, Usage
-from worker.engines.base import EngineResult
+from worker.engines.base import EngineResult, RunContext
 from worker.errors import PermanentError
 from worker.models.refs import ModelRef
 
@@ -98,7 +98,9 @@ class OnnxEngine:
     def model_digest(self) -> str:
         return self._ref.digest
 
-    async def run(self, payload: ChatInput | MLInput) -> EngineResult:
+    async def run(
+        self, payload: ChatInput | MLInput, ctx: RunContext | None = None
+    ) -> EngineResult:
         if not isinstance(payload, MLInput):
             raise self._bad_request(f"model {self._ref.name} takes ml tensors, not chat messages")
         feeds = self._feeds(payload)
