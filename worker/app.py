@@ -96,7 +96,8 @@ class Worker:
             ),
         )
         self._consumer.subscribe(
-            topics=[s.topics.infer(m) for m in s.models], listener=self.intake.rebalance_listener()
+            topics=[s.topics.infer(m) for m in self.engines],
+            listener=self.intake.rebalance_listener(),
         )
         await self._consumer.start()
         if self._stop_requested:

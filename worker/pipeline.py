@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.base import VerificationMode
 from schemas.requests import InferenceRequest, input_hash
@@ -29,7 +29,7 @@ from worker.engines.base import Delta, Engine, EngineResult, RunContext
 from worker.errors import PermanentError, RetryableError, WorkerError
 from worker.trust.signer import Signer
 
-__all__ = ["ChunkSink", "Outcome", "Pipeline"]
+__all__ = ["ChunkSink", "ModeHandler", "Outcome", "Pipeline"]
 
 ChunkSink = Callable[[StreamChunk], Awaitable[None]]
 """Where a streamed request's chunks go (the publisher, for the request's reply topic)."""
@@ -39,6 +39,21 @@ log = logging.getLogger(__name__)
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class ModeHandler(Protocol):
+    """What a verification mode beyond VANILLA adds (TEE: attestation; ZKML: proofs).
+
+    ``accepts`` says whether this node can serve ``model`` in the mode (a request it cannot
+    serve gets ``unsupported_mode``). ``signed`` runs after the result is signed and must not
+    block: proof generation, for one, is queued and published later on the settlement topic.
+    """
+
+    def accepts(self, model: str) -> bool: ...
+
+    def signed(
+        self, request: InferenceRequest, result: EngineResult, envelope: ResultEnvelope
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,10 @@ class Pipeline:
         retries: int = 2,
         retry_backoff_s: float = 0.1,
         clock_ms: Callable[[], int] = _now_ms,
+        modes: Mapping[VerificationMode, ModeHandler] | None = None,
     ) -> None:
         self._engines = engines
+        self._modes = dict(modes or {})
         self._signer = signer
         self._retries = retries
         self._backoff_s = retry_backoff_s
@@ -108,7 +125,10 @@ class Pipeline:
                     "this node does not serve the model",
                 )
             )
-        if request.mode is not VerificationMode.VANILLA:
+        mode = self._modes.get(request.mode)
+        if request.mode is not VerificationMode.VANILLA and (
+            mode is None or not mode.accepts(request.model)
+        ):
             return Outcome(
                 self.error(
                     request.request_id,
@@ -206,6 +226,9 @@ class Pipeline:
             signed_unix_ms=self._clock_ms(),
         )
         signature = self._signer.sign_envelope(envelope)
+        mode = self._modes.get(request.mode)
+        if mode is not None:
+            mode.signed(request, result, envelope)
         reply = InferenceResult(
             request_id=request.request_id,
             envelope=envelope,
