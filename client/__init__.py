@@ -1,18 +1,27 @@
 """Client library for producers: build requests, send them, await and verify replies."""
 
+from client.registry import RegistryPolicy, RegistryView, RegistryWatcher
 from client.requests import build_request, new_request_id, parse_payload
+from client.sealing import SealedReplyError, SealedRequest, seal_request
 from client.settings import ClientSettings
-from client.transport import InferenceClient, ReplyTimeout
+from client.transport import InferenceClient, NoActiveNodes, ReplyTimeout
 from client.verify import Check, VerificationReport, verify_result
 
 __all__ = [
     "Check",
     "ClientSettings",
     "InferenceClient",
+    "NoActiveNodes",
+    "RegistryPolicy",
+    "RegistryView",
+    "RegistryWatcher",
     "ReplyTimeout",
+    "SealedReplyError",
+    "SealedRequest",
     "VerificationReport",
     "build_request",
     "new_request_id",
     "parse_payload",
+    "seal_request",
     "verify_result",
 ]

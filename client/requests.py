@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
 
 from schemas.base import VerificationMode
-from schemas.requests import ChatInput, InferenceRequest, MLInput, Payload
+from schemas.requests import ChatInput, InferenceRequest, MLInput
 
 __all__ = ["build_request", "new_request_id", "parse_payload"]
 
-_PAYLOAD: TypeAdapter[ChatInput | MLInput] = TypeAdapter(Payload)
+_PAYLOAD: TypeAdapter[ChatInput | MLInput] = TypeAdapter(
+    Annotated[ChatInput | MLInput, Field(discriminator="kind")]
+)
 
 
 def new_request_id() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.requests import InferenceRequest, input_hash
+from schemas.requests import ChatInput, InferenceRequest, MLInput, input_hash
 from schemas.results import InferenceResult, output_hash
 from schemas.signing import verify_envelope_signature
 
@@ -43,9 +43,11 @@ def verify_result(
     request: InferenceRequest | None = None,
     *,
     expected_node_ids: set[str] | None = None,
+    plaintext: ChatInput | MLInput | None = None,
 ) -> VerificationReport:
     """Check the signature, that the envelope commits to the delivered output, and (given the
-    request that was sent) that it commits to that request."""
+    request that was sent) that it commits to that request. For a sealed request pass the
+    payload as sealed (``SealedRequest.plaintext``): the input hash is over it."""
     env = result.envelope
     checks = [
         Check(
@@ -60,7 +62,9 @@ def verify_result(
             Check("model", request.model == env.model_id, "envelope names the requested model"),
             Check("mode", request.mode == env.mode, "envelope names the requested mode"),
             Check(
-                "input_hash", input_hash(request.payload) == env.input_hash, "sha256(JCS(payload))"
+                "input_hash",
+                input_hash(request.payload if plaintext is None else plaintext) == env.input_hash,
+                "sha256(JCS(payload))",
             ),
         ]
     if expected_node_ids is not None:

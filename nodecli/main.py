@@ -118,10 +118,18 @@ def _read_json_arg(value: str) -> Any:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    from client import ClientSettings, InferenceClient, ReplyTimeout, build_request, parse_payload
+    from client import (
+        ClientSettings,
+        InferenceClient,
+        NoActiveNodes,
+        ReplyTimeout,
+        SealedReplyError,
+        build_request,
+        parse_payload,
+    )
     from client.verify import verify_result
     from schemas.codec import encode
-    from schemas.results import InferenceResult
+    from schemas.results import InferenceResult, StreamChunk
     from schemas.topics import Topics
 
     settings = ClientSettings()
@@ -142,26 +150,42 @@ def cmd_request(args: argparse.Namespace) -> int:
             payer=args.payer,
             reply_to=settings.reply_to,
         )
+        if args.stream:
+            request = request.model_copy(update={"stream": True})
     except (OSError, KeyError, ValueError, ValidationError) as e:
         detail = e.error_count() if isinstance(e, ValidationError) else type(e).__name__
         return _fail(f"invalid request input ({detail})")
     if args.save_request:
         args.save_request.write_bytes(encode(request))
 
-    async def go() -> Any:
+    def on_chunk(chunk: StreamChunk) -> None:
+        sys.stderr.write(chunk.text)
+        sys.stderr.flush()
+
+    async def go() -> tuple[Any, Any]:
+        timeout_s = args.timeout_s or settings.timeout_s
         async with InferenceClient(
             settings.kafka, Topics(settings.namespace), settings.reply_to
         ) as c:
-            return await c.request(request, timeout_s=args.timeout_s or settings.timeout_s)
+            if args.sealed:
+                sealed, opened = await c.request_sealed(request, timeout_s=timeout_s)
+                return opened, sealed.plaintext
+            return await c.request(request, timeout_s=timeout_s, on_chunk=on_chunk), None
 
     try:
-        reply = asyncio.run(go())
+        reply, plaintext = asyncio.run(go())
     except ReplyTimeout as e:
         return _fail(str(e), 1)
+    except NoActiveNodes as e:
+        return _fail(str(e), 1)
+    except SealedReplyError:
+        return _fail("the sealed reply does not open with this request's key", 1)
+    if args.stream:
+        sys.stderr.write("\n")
     _print_json(reply.model_dump(mode="json"))
     if not isinstance(reply, InferenceResult):
         return 1
-    report = verify_result(reply, request)
+    report = verify_result(reply, request, plaintext=plaintext)
     if not report.ok:
         sys.stderr.write(json.dumps(report.as_dict()) + "\n")
         return _fail("reply failed verification", 1)
@@ -293,7 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout-s", type=float)
     r.add_argument("--deadline-s", type=float)
     r.add_argument("--payer")
-    r.add_argument("--save-request", type=Path, help="also write the request sent to FILE")
+    r.add_argument(
+        "--save-request", type=Path, help="also write the request (before sealing) to FILE"
+    )
+    r.add_argument(
+        "--sealed",
+        action="store_true",
+        help="seal the payload to the active nodes serving the model; print the opened reply",
+    )
+    r.add_argument("--stream", action="store_true", help="stream text to stderr as it comes")
     r.set_defaults(func=cmd_request)
 
     v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")

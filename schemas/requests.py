@@ -14,6 +14,7 @@ from pydantic import Field, StringConstraints, model_validator
 from schemas import limits
 from schemas.base import ModelName, RequestId, TopicName, UnixMs, VerificationMode, WireModel
 from schemas.canonical import sha256_hex
+from schemas.sealed import SealedInput
 from schemas.version import SCHEMA_VERSION
 
 __all__ = [
@@ -49,11 +50,20 @@ TensorName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}
 
 
 class Tensor(WireModel):
-    """A dense tensor: ``data`` is the flat row-major list of ``prod(shape)`` elements."""
+    """A dense tensor: ``data`` is the flat row-major list of ``prod(shape)`` elements.
+
+    Elements of a float tensor may also be fixed-point numbers ``{"value": V, "decimals": D}``
+    (OpenGradient's convention) meaning ``V / 10**D``, with ``V`` an I-JSON integer and
+    ``0 <= D <= 38``: integers hash and travel exactly where decimal fractions may be rounded
+    by some JSON stack. They are hashed as sent; the engine converts them to the float nearest
+    ``V / 10**D`` (then to the tensor's dtype).
+    """
 
     dtype: TensorDType
     shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=limits.MAX_TENSOR_RANK)
-    data: list[bool | int | float | str] = Field(max_length=limits.MAX_TENSOR_ELEMENTS)
+    data: list[bool | int | float | str | dict[str, Any]] = Field(
+        max_length=limits.MAX_TENSOR_ELEMENTS
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Tensor:
@@ -63,15 +73,34 @@ class Tensor(WireModel):
             )
         for value in self.data:
             if not _fits(self.dtype, value):
+                if isinstance(value, dict):
+                    raise ValueError(
+                        f"element is not a fixed-point {self.dtype} "
+                        '{"value": int, "decimals": 0..38}'
+                    )
                 raise ValueError(f"element of type {type(value).__name__} is not {self.dtype}")
         return self
 
 
-def _fits(dtype: str, value: bool | int | float | str) -> bool:
+def _fits(dtype: str, value: bool | int | float | str | dict[str, Any]) -> bool:
     if dtype == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
+    if isinstance(value, dict):
+        # Fixed point: exactly {value, decimals}, both JSON integers (never bools), only
+        # in float tensors.
+        if dtype not in _FLOAT_DTYPES or set(value) != {"value", "decimals"}:
+            return False
+        number, decimals = value["value"], value["decimals"]
+        return (
+            isinstance(number, int)
+            and not isinstance(number, bool)
+            and -MAX_SAFE_INT <= number <= MAX_SAFE_INT
+            and isinstance(decimals, int)
+            and not isinstance(decimals, bool)
+            and 0 <= decimals <= 38  # the Tensor docstring's bound
+        )
     if dtype in _FLOAT_DTYPES:
         return isinstance(value, float) or (
             isinstance(value, int) and -MAX_SAFE_INT <= value <= MAX_SAFE_INT
@@ -227,7 +256,7 @@ class ChatInput(WireModel):
         return self
 
 
-Payload = Annotated[ChatInput | MLInput, Field(discriminator="kind")]
+Payload = Annotated[ChatInput | MLInput | SealedInput, Field(discriminator="kind")]
 
 
 class InferenceRequest(WireModel):
@@ -252,7 +281,7 @@ class InferenceRequest(WireModel):
     payload: Payload
 
 
-def input_hash(payload: ChatInput | MLInput | dict[str, Any]) -> str:
+def input_hash(payload: ChatInput | MLInput | SealedInput | dict[str, Any]) -> str:
     """``input_hash``: hex sha256 of the RFC 8785 form of the request's ``payload`` object.
 
     Workers hash the payload object exactly as it arrived (a dict), so a producer that omits

@@ -15,6 +15,7 @@ from schemas import limits
 from schemas.base import Hex32, Hex64, ModelName, RequestId, UnixMs, VerificationMode, WireModel
 from schemas.canonical import sha256_hex
 from schemas.requests import Tensor, TensorName, ToolCall, ToolCallDelta
+from schemas.sealed import Base64
 from schemas.version import SCHEMA_VERSION
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Output",
     "Reply",
     "ResultEnvelope",
+    "SealedResult",
     "StreamChunk",
     "Usage",
     "output_hash",
@@ -148,7 +150,22 @@ class StreamChunk(WireModel):
     """Pieces of tool calls: ``arguments`` of deltas with the same ``index`` concatenate."""
 
 
-Reply = Annotated[InferenceResult | ErrorReply | StreamChunk, Field(discriminator="type")]
+class SealedResult(WireModel):
+    """A result whose output only the client can read. Kafka key: ``request_id``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    type: Literal["sealed_result"] = "sealed_result"
+    request_id: RequestId
+    envelope: ResultEnvelope
+    signature: Hex64
+    sealed_output: Base64
+    """``SealedBox(reply_public_key).encrypt(canonical(output))``; ``output_hash`` is over the
+    opened output."""
+
+
+Reply = Annotated[
+    InferenceResult | SealedResult | ErrorReply | StreamChunk, Field(discriminator="type")
+]
 
 
 def output_hash(output: ChatOutput | MLOutput) -> str:

@@ -15,17 +15,30 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-u
 from nacl.public import PrivateKey, PublicKey
 
 from infra.lifecycle import clear_ready, install_stop_handlers, mark_ready
+from schemas.base import VerificationMode
+from schemas.registry import RegisteredModel
 from worker.engines import load_engine
 from worker.engines.base import Engine
 from worker.intake import Intake, IntakeConfig
 from worker.models.local_hub import LocalHub
-from worker.pipeline import Pipeline
+from worker.pipeline import ModeHandler, Pipeline
 from worker.publish import Publisher
+from worker.registration import Registrar
 from worker.settings import WorkerSettings
 from worker.trust.keys import load_or_create_seed
+from worker.trust.sealing import NodeSealer
 from worker.trust.signer import Signer
 
-__all__ = ["Worker", "WorkerFatal", "dlq_public_key", "node_signer", "serve", "tune_gc"]
+__all__ = [
+    "Worker",
+    "WorkerFatal",
+    "chain_address",
+    "dlq_public_key",
+    "node_sealer",
+    "node_signer",
+    "serve",
+    "tune_gc",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +48,24 @@ def node_signer(settings: WorkerSettings) -> Signer:
     if settings.node_key is not None:
         return Signer(bytes.fromhex(settings.node_key.get_secret_value()))
     return Signer(load_or_create_seed(settings.key_dir / "node_ed25519.key"))
+
+
+def node_sealer(settings: WorkerSettings) -> NodeSealer:
+    """The X25519 key sealed requests are opened with (secret setting, else key file)."""
+    if settings.x25519_key is not None:
+        return NodeSealer(bytes.fromhex(settings.x25519_key.get_secret_value()))
+    return NodeSealer(load_or_create_seed(settings.key_dir / "node_x25519.key"))
+
+
+def chain_address(settings: WorkerSettings) -> str:
+    """The node's secp256k1 account address, lower-case hex."""
+    from eth_account import Account
+
+    if settings.chain_key is not None:
+        key = bytes.fromhex(settings.chain_key.get_secret_value().removeprefix("0x"))
+    else:
+        key = load_or_create_seed(settings.key_dir / "node_secp256k1.key")
+    return str(Account.from_key(key).address).lower()
 
 
 def dlq_public_key(settings: WorkerSettings) -> PublicKey:
@@ -62,8 +93,11 @@ class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.signer = node_signer(settings)
+        self.sealer = node_sealer(settings)
         self.engines: dict[str, Engine] = {}
         self.intake: Intake | None = None
+        self.registrar: Registrar | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._stop_requested = False
@@ -71,15 +105,46 @@ class Worker:
     async def setup(self) -> None:
         s = self.settings
         self.engines = await load_engines(s)
+        private = frozenset(s.private_models)
+        if not private <= self.engines.keys():
+            raise WorkerFatal("private_models names a model this worker does not serve")
         self._producer = AIOKafkaProducer(**s.kafka.producer_kwargs())
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(**s.kafka.consumer_kwargs(s.group_id))
+        modes: dict[VerificationMode, ModeHandler] = {}
         pipeline = Pipeline(
             self.engines,
             self.signer,
             retries=s.engine_retries,
             retry_backoff_s=s.engine_retry_backoff_ms / 1000,
+            modes=modes,
+            sealer=self.sealer,
+            private_models=private,
         )
+        self.registrar = Registrar(
+            self._producer,
+            s.topics.registry,
+            self.signer,
+            x25519_public_key=self.sealer.public_key_hex,
+            chain_address=await asyncio.to_thread(chain_address, s),
+            models=[
+                RegisteredModel(
+                    name=name,
+                    digest=engine.model_digest,
+                    modes=[
+                        VerificationMode.VANILLA,
+                        *(m for m, h in modes.items() if h.accepts(name)),
+                    ],
+                    private=name in private,
+                )
+                for name, engine in self.engines.items()
+            ],
+            attestation=None,
+            interval_s=s.heartbeat_interval_s,
+        )
+        # Registered before subscribing: the node serves nothing the network cannot know.
+        await self.registrar.publish()
+        self._heartbeats = asyncio.create_task(self.registrar.run())
+        self._consumer = AIOKafkaConsumer(**s.kafka.consumer_kwargs(s.group_id))
         publisher = Publisher(self._producer, s.topics, dlq_public_key(s))
         self.intake = Intake(
             self._consumer,
@@ -119,6 +184,15 @@ class Worker:
     async def close(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()  # leaves the group: partitions move at once
+        if self.registrar is not None:
+            self.registrar.stop()
+        if self._heartbeats is not None:
+            await self._heartbeats
+        if self.registrar is not None and self._producer is not None:
+            try:
+                await asyncio.wait_for(self.registrar.publish("draining"), 5.0)
+            except Exception as e:
+                log.warning("draining status not published", extra={"error_type": type(e).__name__})
         if self._producer is not None:
             await self._producer.stop()
         for engine in self.engines.values():

@@ -14,19 +14,24 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from nacl.public import PublicKey
+
 from schemas.base import VerificationMode
-from schemas.requests import InferenceRequest, input_hash
+from schemas.requests import ChatInput, InferenceRequest, MLInput, input_hash
 from schemas.results import (
     ErrorCode,
     ErrorReply,
     InferenceResult,
     ResultEnvelope,
+    SealedResult,
     StreamChunk,
     output_hash,
 )
+from schemas.sealed import SealedInput
 from schemas.settlement import SettlementRecord
 from worker.engines.base import Delta, Engine, EngineResult, RunContext
 from worker.errors import PermanentError, RetryableError, WorkerError
+from worker.trust.sealing import BadCiphertext, BadPlaintext, NodeSealer, NotARecipient
 from worker.trust.signer import Signer
 
 __all__ = ["ChunkSink", "ModeHandler", "Outcome", "Pipeline"]
@@ -60,7 +65,7 @@ class ModeHandler(Protocol):
 class Outcome:
     """What to publish for one request: always a reply; a settlement record on success."""
 
-    reply: InferenceResult | ErrorReply
+    reply: InferenceResult | SealedResult | ErrorReply
     record: SettlementRecord | None = None
 
 
@@ -74,8 +79,14 @@ class Pipeline:
         retry_backoff_s: float = 0.1,
         clock_ms: Callable[[], int] = _now_ms,
         modes: Mapping[VerificationMode, ModeHandler] | None = None,
+        sealer: NodeSealer | None = None,
+        private_models: frozenset[str] = frozenset(),
     ) -> None:
+        """``sealer`` opens sealed requests (no sealer: they are refused); ``private_models``
+        accept sealed requests only."""
         self._engines = engines
+        self._sealer = sealer
+        self._private_models = private_models
         self._modes = dict(modes or {})
         self._signer = signer
         self._retries = retries
@@ -146,6 +157,10 @@ class Pipeline:
                     "deadline passed before execution",
                 )
             )
+        opened = self._open(request, payload_document)
+        if isinstance(opened, ErrorReply):
+            return Outcome(opened)
+        payload, document, reply_key = opened
         stream = _ChunkCounter(request.request_id, chunks) if request.stream and chunks else None
         ctx = RunContext(
             request_id=request.request_id,
@@ -153,7 +168,7 @@ class Pipeline:
             emit=stream.emit if stream is not None else None,
         )
         try:
-            result = await self._run_with_retries(engine, request, ctx, stream)
+            result = await self._run_with_retries(engine, request, payload, ctx, stream)
         except WorkerError as e:
             return Outcome(
                 self.error(
@@ -161,7 +176,7 @@ class Pipeline:
                 )
             )
         try:
-            return self._sign(request, engine, result, payload_document)
+            return self._sign(request, engine, result, document, reply_key)
         except ValueError:
             # Canonicalisation refused a value (e.g. an integer outside the I-JSON range that
             # an engine echoed): answer, never crash the intake over one request.
@@ -174,17 +189,62 @@ class Pipeline:
                 )
             )
 
+    def _open(
+        self, request: InferenceRequest, payload_document: dict[str, Any] | None
+    ) -> tuple[ChatInput | MLInput, Any, PublicKey | None] | ErrorReply:
+        """The payload to run, the document ``input_hash`` covers, and the key a sealed
+        output goes to; or the typed error for a request that must not run."""
+        payload = request.payload
+        if not isinstance(payload, SealedInput):
+            if request.model in self._private_models:
+                return self._refuse(request, ErrorCode.SEALING_REQUIRED, "the model is private")
+            return payload, payload if payload_document is None else payload_document, None
+        if self._sealer is None:
+            return self._refuse(
+                request, ErrorCode.NOT_A_RECIPIENT, "this node has no key for sealed requests"
+            )
+        if request.stream:
+            return self._refuse(
+                request, ErrorCode.INVALID_REQUEST, "sealed requests cannot be streamed"
+            )
+        if request.mode is VerificationMode.ZKML:
+            return self._refuse(
+                request,
+                ErrorCode.UNSUPPORTED_MODE,
+                "ZKML proofs publish their inputs; a sealed request cannot use them",
+            )
+        opened = self._sealer.open(request, payload)
+        if isinstance(opened, NotARecipient):
+            # Retryable: the client sealed to a stale set of nodes and may re-seal.
+            return self._refuse(
+                request,
+                ErrorCode.NOT_A_RECIPIENT,
+                "the request is not sealed to this node",
+                retryable=True,
+            )
+        if isinstance(opened, BadCiphertext):
+            return self._refuse(request, ErrorCode.BAD_CIPHERTEXT, "the sealed payload is invalid")
+        if isinstance(opened, BadPlaintext):
+            return self._refuse(request, ErrorCode.BAD_REQUEST, opened.reason)
+        return opened.payload, opened.document, opened.reply_key
+
+    def _refuse(
+        self, request: InferenceRequest, code: ErrorCode, message: str, *, retryable: bool = False
+    ) -> ErrorReply:
+        return self.error(request.request_id, request.model, code, message, retryable=retryable)
+
     async def _run_with_retries(
         self,
         engine: Engine,
         request: InferenceRequest,
+        payload: ChatInput | MLInput,
         ctx: RunContext,
         stream: _ChunkCounter | None,
     ) -> EngineResult:
         attempt = 0
         while True:
             try:
-                return await engine.run(request.payload, ctx)
+                return await engine.run(payload, ctx)
             except PermanentError:
                 raise
             except RetryableError:
@@ -209,16 +269,15 @@ class Pipeline:
         request: InferenceRequest,
         engine: Engine,
         result: EngineResult,
-        payload_document: dict[str, Any] | None,
+        document: Any,
+        reply_key: PublicKey | None,
     ) -> Outcome:
         envelope = ResultEnvelope(
             request_id=request.request_id,
             model_id=request.model,
             model_digest=engine.model_digest,
             mode=request.mode,
-            input_hash=input_hash(
-                request.payload if payload_document is None else payload_document
-            ),
+            input_hash=input_hash(document),
             output_hash=output_hash(result.output),
             usage=result.usage,
             payer=request.payer,
@@ -229,13 +288,22 @@ class Pipeline:
         mode = self._modes.get(request.mode)
         if mode is not None:
             mode.signed(request, result, envelope)
+        record = SettlementRecord(envelope=envelope, signature=signature)
+        if reply_key is not None:
+            sealed = SealedResult(
+                request_id=request.request_id,
+                envelope=envelope,
+                signature=signature,
+                sealed_output=NodeSealer.seal_output(result.output, reply_key),
+            )
+            return Outcome(sealed, record)
         reply = InferenceResult(
             request_id=request.request_id,
             envelope=envelope,
             signature=signature,
             output=result.output,
         )
-        return Outcome(reply, SettlementRecord(envelope=envelope, signature=signature))
+        return Outcome(reply, record)
 
 
 class _ChunkCounter:

@@ -35,6 +35,21 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="hex X25519 key that DLQ payloads are sealed to; default: key_dir/dlq",
     )
+    x25519_key: SecretStr | None = Field(
+        default=None,
+        description="hex X25519 seed that sealed requests are opened with; default: key_dir file",
+    )
+    chain_key: SecretStr | None = Field(
+        default=None,
+        description="hex secp256k1 key of the node's chain account; default: key_dir file",
+    )
+    private_models: list[str] = Field(
+        default_factory=list,
+        description="models (among those served) that accept sealed requests only",
+    )
+    heartbeat_interval_s: float = Field(
+        default=10.0, gt=0, le=3600, description="registry heartbeat period"
+    )
     window_per_partition: int = Field(default=64, ge=1, le=4096)
     max_in_flight: int = Field(default=256, ge=1, le=65_536)
     commit_interval_ms: int = Field(default=100, ge=10)

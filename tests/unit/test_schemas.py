@@ -415,7 +415,7 @@ def test_reply_schema_is_discriminated_by_type() -> None:
     schema = all_schemas()["Reply"]
     assert schema["discriminator"]["propertyName"] == "type"
     mapping = schema["discriminator"]["mapping"]
-    assert set(mapping) == {"result", "error", "chunk"}
+    assert set(mapping) == {"result", "sealed_result", "error", "chunk"}
     assert InferenceResult.__name__ in mapping["result"]
     assert ErrorReply.__name__ in mapping["error"]
 

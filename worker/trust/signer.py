@@ -7,8 +7,11 @@ its ``repr``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from nacl.signing import SigningKey
 
+from schemas.canonical import domain_digest
 from schemas.results import ResultEnvelope
 from schemas.signing import envelope_digest
 
@@ -28,3 +31,9 @@ class Signer:
         if envelope.node_id != self.node_id:
             raise ValueError("envelope names another node")
         return self._key.sign(envelope_digest(envelope)).signature.hex()
+
+    def sign(self, domain: bytes, value: Any) -> str:
+        """Hex ed25519 signature over ``domain_digest(domain, value)``: for every signed
+        message other than result envelopes (registrations, proof records), each with its own
+        domain so a signature can never be replayed as another kind of message."""
+        return self._key.sign(domain_digest(domain, value)).signature.hex()
