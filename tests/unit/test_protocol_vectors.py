@@ -3,6 +3,7 @@ checked against our implementation, so PROTOCOL.md, the vectors and the code agr
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 
 import pytest
 import rfc8785
+from nacl.exceptions import BadSignatureError
+from nacl.public import PrivateKey, SealedBox
+from nacl.secret import SecretBox
 from nacl.signing import SigningKey, VerifyKey
 
 from client.verify import verify_result
@@ -59,3 +63,58 @@ def test_input_hash_is_over_the_payload_as_sent() -> None:
     ).payload
     assert input_hash(sent) == _h(sent)
     assert input_hash(parsed) != input_hash(sent)  # defaults change the canonical form
+
+
+REGISTRY_SEALED = json.loads(
+    (Path(__file__).parents[2] / "docs" / "vectors" / "registry-sealed-v1.json").read_text()
+)
+
+
+def test_registration_vector_from_first_principles() -> None:
+    v = REGISTRY_SEALED["registration"]
+    record = v["record"]
+    registration = record["registration"]
+    assert rfc8785.dumps(registration).decode() == v["canonical_registration"]
+    digest = hashlib.sha256(
+        b"og-inference-node/node-registration/v1" + b"\x00" + rfc8785.dumps(registration)
+    ).digest()
+    assert digest.hex() == v["signing_digest_hex"]
+    VerifyKey(bytes.fromhex(registration["node_id"])).verify(
+        digest, bytes.fromhex(record["signature"])
+    )
+    x25519 = PrivateKey(bytes.fromhex(v["x25519_seed_hex"]))
+    assert x25519.public_key.encode().hex() == registration["x25519_public_key"]
+    flipped = {**registration, "heartbeat_interval_s": 11.0}
+    other = hashlib.sha256(
+        b"og-inference-node/node-registration/v1" + b"\x00" + rfc8785.dumps(flipped)
+    ).digest()
+    with pytest.raises(BadSignatureError):
+        VerifyKey(bytes.fromhex(registration["node_id"])).verify(
+            other, bytes.fromhex(record["signature"])
+        )
+
+
+def test_sealed_vector_from_first_principles() -> None:
+    v = REGISTRY_SEALED["sealed"]
+    request, result = v["request"], v["result"]
+    node = PrivateKey(bytes.fromhex(v["node_x25519_seed_hex"]))
+    [recipient] = request["payload"]["recipients"]
+    assert recipient["x25519_public_key"] == node.public_key.encode().hex()
+    content_key = SealedBox(node).decrypt(base64.b64decode(recipient["sealed_key"]))
+    plaintext = SecretBox(content_key).decrypt(base64.b64decode(request["payload"]["ciphertext"]))
+    inner = json.loads(plaintext)
+    assert plaintext == rfc8785.dumps(inner)
+    assert inner == {
+        "request_id": request["request_id"],
+        "model": request["model"],
+        "payload": v["plaintext_payload"],
+    }
+    envelope = result["envelope"]
+    assert _h(inner["payload"]) == v["input_hash"] == envelope["input_hash"]
+    reply_key = PrivateKey(bytes.fromhex(v["reply_x25519_seed_hex"]))
+    assert reply_key.public_key.encode().hex() == request["payload"]["reply_public_key"]
+    output_bytes = SealedBox(reply_key).decrypt(base64.b64decode(result["sealed_output"]))
+    assert output_bytes == rfc8785.dumps(v["output"])
+    assert _h(v["output"]) == envelope["output_hash"]
+    digest = hashlib.sha256(DOMAIN + b"\x00" + rfc8785.dumps(envelope)).digest()
+    VerifyKey(bytes.fromhex(envelope["node_id"])).verify(digest, bytes.fromhex(result["signature"]))
