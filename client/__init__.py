@@ -4,6 +4,7 @@ from client.registry import RegistryPolicy, RegistryView, RegistryWatcher
 from client.requests import build_request, new_request_id, parse_payload
 from client.sealing import SealedReplyError, SealedRequest, seal_request
 from client.settings import ClientSettings
+from client.streaming import check_stream, reassemble
 from client.transport import InferenceClient, NoActiveNodes, ReplyTimeout
 from client.verify import Check, VerificationReport, verify_result
 
@@ -20,8 +21,10 @@ __all__ = [
     "SealedRequest",
     "VerificationReport",
     "build_request",
+    "check_stream",
     "new_request_id",
     "parse_payload",
+    "reassemble",
     "seal_request",
     "verify_result",
 ]

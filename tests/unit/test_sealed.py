@@ -193,3 +193,31 @@ def test_sealer_repr_hides_the_key() -> None:
     key = PrivateKey(bytes([7]) * 32)
     assert bytes(key).hex() not in repr(NODE)
     assert NODE.public_key_hex == key.public_key.encode().hex()
+
+
+def test_stream_chunks_reassemble_out_of_order_and_detect_gaps() -> None:
+    from client.streaming import check_stream, reassemble
+    from schemas.requests import FunctionCall, ToolCall, ToolCallDelta
+    from schemas.results import ChatOutput, StreamChunk
+
+    chunks = [
+        StreamChunk(request_id="r", index=1, text="lo, "),
+        StreamChunk(request_id="r", index=0, text="Hel"),
+        StreamChunk(
+            request_id="r",
+            index=2,
+            text="world",
+            tool_calls=[ToolCallDelta(index=0, id="c1", name="f", arguments='{"a":')],
+        ),
+        StreamChunk(request_id="r", index=3, tool_calls=[ToolCallDelta(index=0, arguments="1}")]),
+    ]
+    final = ChatOutput(
+        text="Hello, world",
+        tool_calls=[ToolCall(id="c1", function=FunctionCall(name="f", arguments='{"a":1}'))],
+        finish_reason="tool_calls",
+    )
+    assert reassemble(chunks).complete
+    assert check_stream(chunks, final)
+    assert not check_stream(chunks[:3], final)
+    assert not reassemble([chunks[0], chunks[2]]).complete
+    assert not check_stream(chunks, final.model_copy(update={"text": "Hello world"}))
