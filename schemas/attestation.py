@@ -36,6 +36,7 @@ __all__ = [
     "BINDING_DOMAIN",
     "DEV_NOTICE",
     "DEV_STATEMENT_DOMAIN",
+    "REPORT_DATA_BYTES",
     "Attestation",
     "AttestationKind",
     "DevStatement",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from client.attestation import AttestationPolicySettings, registration_check
 from client.registry import RegistryPolicy, RegistryView, RegistryWatcher
 from infra.kafka import KafkaSettings
 from schemas.base import VerificationMode
@@ -54,6 +55,10 @@ class RegistrySettings(BaseModel):
         "registration to arrive before it is rejected",
     )
     catch_up_timeout_s: float = Field(default=10.0, gt=0)
+    attestation: AttestationPolicySettings = Field(
+        default_factory=AttestationPolicySettings,
+        description="which TEE evidence counts as attested (measurement allow-list, dev, age)",
+    )
 
     def policy(
         self, attestation_check: Callable[[NodeRegistration], bool] | None = None
@@ -78,7 +83,8 @@ class NodeRegistry:
         attestation_check: Callable[[NodeRegistration], bool] | None = None,
     ) -> None:
         self.settings = settings
-        self.view = RegistryView(settings.policy(attestation_check))
+        check = attestation_check or registration_check(settings.attestation.policy())
+        self.view = RegistryView(settings.policy(check))
         self._watcher = RegistryWatcher(kafka, topic, self.view)
 
     async def start(self) -> None:
