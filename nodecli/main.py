@@ -35,6 +35,7 @@ def _fail(message: str, code: int = 2) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import WorkerFatal, serve
     from worker.logs import configure_logging
+    from worker.models.service import ModelConfigError
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
@@ -43,6 +44,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings, args.ready_file))
     except WorkerFatal as e:
         return _fail(str(e), 1)
+    except ModelConfigError as e:
+        return _fail(str(e), 2)
     return 0
 
 
@@ -193,54 +196,15 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from client.verify import verify_result
-    from schemas.requests import InferenceRequest
-    from schemas.results import InferenceResult
+    from nodecli.verify_offline import run_verify
 
-    try:
-        result = (
-            InferenceResult.model_validate_json(args.reply.read_bytes()) if args.reply else None
-        )
-        request = (
-            InferenceRequest.model_validate_json(args.request.read_bytes())
-            if args.request
-            else None
-        )
-        proof = json.loads(args.inclusion.read_text()) if args.inclusion else None
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot read input: {type(e).__name__}", 1)
-    if result is None and proof is None:
-        return _fail("give a reply file, --inclusion FILE, or both")
-    report: dict[str, Any] = {"checks": []}
-    if result is not None:
-        report = verify_result(result, request).as_dict()
-    if proof is not None:
-        from nodecli.inclusion import check_proof
-
-        report["checks"] += asyncio.run(check_proof(proof, args.rpc_url, result))
-        report["request_id"] = report.get("request_id") or proof.get("request_id")
-    ok = bool(report["checks"]) and all(c["ok"] for c in report["checks"])
-    report["verified"] = ok
-    _print_json(report)
-    print("verified" if ok else "NOT VERIFIED")
-    return 0 if ok else 1
+    return run_verify(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from worker.models.demo import build_demo_hub
-    from worker.models.local_hub import LocalHub
+    from nodecli.models import run_models
 
-    if args.action == "build-demo":
-        index = build_demo_hub(args.hub_dir, force=args.force)
-    else:
-        index = LocalHub(args.hub_dir).index()
-    _print_json(
-        [
-            {k: v for k, v in m.model_dump(mode="json").items() if k != "example_input"}
-            for m in index.models
-        ]
-    )
-    return 0
+    return run_models(args)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -333,13 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--request", type=Path, help="the request sent, to check the input hash")
     v.add_argument("--inclusion", type=Path, help="an inclusion proof (settlement proof ID)")
     v.add_argument("--rpc-url", default="http://127.0.0.1:8545", help="chain RPC for --inclusion")
+    from nodecli.verify_offline import add_arguments
+
+    add_arguments(v)
     v.set_defaults(func=cmd_verify)
 
-    m = sub.add_parser("models", help="model hub")
-    m.add_argument("action", choices=["build-demo", "list"])
-    m.add_argument("--hub-dir", type=Path, default=Path("var/hub"))
-    m.add_argument("--force", action="store_true")
-    m.set_defaults(func=cmd_models)
+    from nodecli.check import add_parser as add_check_parser
+
+    add_check_parser(sub)
+    from nodecli.models import add_models_parser
+
+    add_models_parser(sub).set_defaults(func=cmd_models)
 
     d = sub.add_parser("dlq", help="list or replay dead letters (OG_WORKER_* settings)")
     d.add_argument("action", choices=["list", "replay"])

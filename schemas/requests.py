@@ -220,10 +220,14 @@ class ChatMessage(WireModel):
 
 
 class SamplingParams(WireModel):
-    """Sampling controls. ``temperature == 0`` means greedy decoding."""
+    """Sampling controls. ``temperature == 0`` means greedy decoding.
 
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    ``temperature`` and ``top_p`` left null mean "the engine's default": greedy (0) and 1.0 on
+    local engines, the provider's own default on a proxied model. A provider that cannot honour
+    a value that *is* set refuses the request (``invalid_request``) rather than ignore it."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1, le=1000)
     max_tokens: int = Field(default=64, ge=1, le=limits.MAX_NEW_TOKENS)
     stop: list[

@@ -27,3 +27,21 @@ def demo_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     with running_broker(log_dir=tmp_path_factory.mktemp("broker")) as proc:
         yield proc
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests unless CUDA is usable here (torch is only imported when such
+    a test was collected). Every other marker runs, or fails, wherever it is collected."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = bool(torch.cuda.is_available())
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+        for item in gpu_items:
+            item.add_marker(skip)

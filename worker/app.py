@@ -14,17 +14,21 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from nacl.public import PrivateKey, PublicKey
 
+from infra.health import HealthServer, kafka_reachable
 from infra.lifecycle import clear_ready, install_stop_handlers, mark_ready
+from schemas.attestation import Attestation
 from schemas.base import VerificationMode
 from schemas.registry import RegisteredModel
-from worker.engines import load_engine
 from worker.engines.base import Engine
 from worker.intake import Intake, IntakeConfig
-from worker.models.local_hub import LocalHub
+from worker.metrics import WorkerMetrics
+from worker.models.service import build_engines, open_cache
+from worker.models.stats import CacheMetrics
 from worker.pipeline import ModeHandler, Pipeline
 from worker.publish import Publisher
-from worker.registration import Registrar
+from worker.registration import Registrar, software_version
 from worker.settings import WorkerSettings
+from worker.tracing import Tracing, configure_tracing
 from worker.trust.keys import load_or_create_seed
 from worker.trust.sealing import NodeSealer
 from worker.trust.signer import Signer
@@ -68,20 +72,59 @@ def chain_address(settings: WorkerSettings) -> str:
     return str(Account.from_key(key).address).lower()
 
 
+async def node_attestation(
+    settings: WorkerSettings, node_id: str, x25519_public_key: str, address: str
+) -> Attestation | None:
+    """Evidence binding the node's three keys, from the configured provider (None: no TEE).
+    A configured provider that cannot attest is fatal: serving unattested would silently
+    downgrade every TEE promise."""
+    from worker.trust.attestation import (
+        AttestationError,
+        attest_node,
+        load_attestation_provider,
+    )
+
+    try:
+        provider = load_attestation_provider(settings.attestation)
+        if provider is None:
+            return None
+        return await asyncio.to_thread(
+            attest_node,
+            provider,
+            node_id=node_id,
+            x25519_public_key=x25519_public_key,
+            chain_address=address,
+        )
+    except AttestationError as e:
+        raise WorkerFatal(f"attestation: {e}") from e
+
+
 def dlq_public_key(settings: WorkerSettings) -> PublicKey:
     if settings.dlq_public_key:
         return PublicKey(bytes.fromhex(settings.dlq_public_key))
     return PrivateKey(load_or_create_seed(settings.key_dir / "dlq_x25519.key")).public_key
 
 
-async def load_engines(settings: WorkerSettings) -> dict[str, Engine]:
-    hub = LocalHub(settings.hub_dir)
-    engines: dict[str, Engine] = {}
-    for name in settings.models:
-        ref = await asyncio.to_thread(hub.resolve, name)
-        path = await asyncio.to_thread(hub.materialize, ref, settings.cache_dir)
-        engines[name] = await load_engine(ref, path)
-        log.info("model loaded", extra={"model": name, "digest": ref.digest})
+async def load_engines(
+    settings: WorkerSettings, metrics: WorkerMetrics | None = None
+) -> dict[str, Engine]:
+    """Resolve every served model through the configured hub (local directory, or HTTP when
+    ``cache.hub_url`` is set) into the shared cache at ``cache_dir``; pre-warmed models are
+    loaded now, the others on their first request (see ``worker.models.service``)."""
+    cache = open_cache(
+        settings.hub_dir,
+        settings.cache_dir,
+        settings.cache,
+        metrics=CacheMetrics((metrics.on_cache_event,)) if metrics is not None else None,
+    )
+    engines: dict[str, Engine] = await build_engines(cache, settings.models, settings.cache)
+    from worker.proxy import load_proxy_engines  # LLM proxy (docs/PROXY.md)
+
+    if clash := {m.name for m in settings.proxy.models} & engines.keys():
+        for engine in engines.values():
+            await engine.close()
+        raise WorkerFatal(f"proxied models clash with hub models: {sorted(clash)}")
+    engines.update(await load_proxy_engines(settings.proxy))
     return engines
 
 
@@ -98,13 +141,34 @@ class Worker:
         self.intake: Intake | None = None
         self.registrar: Registrar | None = None
         self._heartbeats: asyncio.Task[None] | None = None
+        self.metrics = WorkerMetrics()
+        self.health: HealthServer | None = None
+        self.tracing: Tracing | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._stop_requested = False
 
     async def setup(self) -> None:
         s = self.settings
-        self.engines = await load_engines(s)
+        if s.metrics_port is not None:
+            # First, so probes answer (not ready) while models load.
+            self.health = HealthServer(
+                host=s.metrics_host,
+                port=s.metrics_port,
+                registry=self.metrics.registry,
+                ready={
+                    "models_loaded": lambda: bool(self.engines),
+                    "broker_reachable": kafka_reachable(s.kafka),
+                    "registration_published": lambda: (
+                        self.registrar is not None and self.registrar.published_recently()
+                    ),
+                    "consuming": lambda: self.intake is not None and not self._stop_requested,
+                },
+            )
+            await self.health.start()
+        self.tracing = configure_tracing(s.tracing)
+        self.metrics.set_node(self.signer.node_id, software_version())
+        self.engines = await load_engines(s, self.metrics)
         private = frozenset(s.private_models)
         if not private <= self.engines.keys():
             raise WorkerFatal("private_models names a model this worker does not serve")
@@ -120,12 +184,13 @@ class Worker:
             sealer=self.sealer,
             private_models=private,
         )
+        address = await asyncio.to_thread(chain_address, s)
         self.registrar = Registrar(
             self._producer,
             s.topics.registry,
             self.signer,
             x25519_public_key=self.sealer.public_key_hex,
-            chain_address=await asyncio.to_thread(chain_address, s),
+            chain_address=address,
             models=[
                 RegisteredModel(
                     name=name,
@@ -138,14 +203,16 @@ class Worker:
                 )
                 for name, engine in self.engines.items()
             ],
-            attestation=None,
+            attestation=await node_attestation(
+                s, self.signer.node_id, self.sealer.public_key_hex, address
+            ),
             interval_s=s.heartbeat_interval_s,
         )
         # Registered before subscribing: the node serves nothing the network cannot know.
         await self.registrar.publish()
         self._heartbeats = asyncio.create_task(self.registrar.run())
         self._consumer = AIOKafkaConsumer(**s.kafka.consumer_kwargs(s.group_id))
-        publisher = Publisher(self._producer, s.topics, dlq_public_key(s))
+        publisher = Publisher(self._producer, s.topics, dlq_public_key(s), metrics=self.metrics)
         self.intake = Intake(
             self._consumer,
             publisher,
@@ -159,6 +226,8 @@ class Worker:
                 revoke_timeout_s=s.revoke_timeout_s,
                 dedupe_window=s.dedupe_window,
             ),
+            metrics=self.metrics,
+            tracer=self.tracing.tracer,
         )
         self._consumer.subscribe(
             topics=[s.topics.infer(m) for m in self.engines],
@@ -174,7 +243,7 @@ class Worker:
         assert self.intake is not None, "setup() first"
         await self.intake.run()
         if self.intake.fatal is not None:
-            raise WorkerFatal("publishing failed; exiting for a restart") from self.intake.fatal
+            raise WorkerFatal("the worker failed; exiting for a restart") from self.intake.fatal
 
     def stop(self) -> None:
         self._stop_requested = True
@@ -197,6 +266,10 @@ class Worker:
             await self._producer.stop()
         for engine in self.engines.values():
             await engine.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
+        if self.health is not None:
+            await self.health.stop()
         log.info("worker stopped")
 
 

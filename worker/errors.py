@@ -12,6 +12,8 @@ where they enter our code (``raise PermanentError(...) from e``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from schemas.results import ErrorCode
 
 __all__ = ["PermanentError", "RetryableError", "WorkerError"]
@@ -20,6 +22,9 @@ __all__ = ["PermanentError", "RetryableError", "WorkerError"]
 class WorkerError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
     retryable: bool = False
+    fatal: ClassVar[bool] = False
+    """The engine itself is gone (e.g. vLLM's engine core died): answer this request, then
+    stop the worker and exit non-zero so the orchestrator restarts it."""
 
     def __init__(
         self,

@@ -16,6 +16,12 @@ executing, one awaiting acks), every partition is paused when the process reache
 
 Lifecycle: ``run()`` until ``stop()``; then fetching stops, in-flight work drains within
 ``drain_timeout_s``, finished offsets are committed, and the consumer leaves the group.
+
+Observability (optional, see ``worker.metrics`` and ``worker.tracing``): each request is counted
+once by outcome when its answer is acknowledged, with its queue wait, pipeline and end-to-end
+times; per-partition in-flight counts, pauses and consumer lag are sampled every
+``metrics_interval_s``. Each request runs in a trace (the request's ``traceparent``, or a new
+one) whose ids are bound to every log line written on its behalf and travel on its answer.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +37,16 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
 from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import-untyped]
 
+from infra.health import consumer_lag
 from schemas.codec import Decoded, decode
 from schemas.requests import InferenceRequest
-from schemas.results import ErrorCode, StreamChunk
+from schemas.results import ErrorCode, ErrorReply, StreamChunk
 from schemas.topics import HEADER_ATTEMPTS, Topics
+from worker.logs import bind_log_context
+from worker.metrics import WorkerMetrics
 from worker.pipeline import Outcome, Pipeline
 from worker.publish import Publisher
+from worker.tracing import RequestTrace, Tracer
 
 __all__ = ["Intake", "IntakeConfig"]
 
@@ -53,6 +64,8 @@ class IntakeConfig:
     drain_timeout_s: float = 20.0
     revoke_timeout_s: float = 10.0
     dedupe_window: int = 10_000
+    metrics_interval_s: float = 1.0
+    """How often per-partition gauges (in flight, paused, lag) are sampled (with metrics)."""
 
 
 @dataclass
@@ -88,6 +101,30 @@ class _DeadLetter:
     reason: str
 
 
+@dataclass
+class _Job:
+    """What is known about one record while it is handled: labels for metrics and spans."""
+
+    model: str
+    """The model of the topic it arrived on (bounded: topics this worker subscribes to)."""
+    trace: RequestTrace
+    mode: str = "unknown"
+
+
+def _outcome(action: _Reply | _DeadLetter | None) -> str:
+    if action is None:
+        return "duplicate"
+    if isinstance(action, _DeadLetter):
+        return "dead_letter"
+    reply = action.outcome.reply
+    return reply.code.value if isinstance(reply, ErrorReply) else "result"
+
+
+def _since_s(timestamp_ms: int) -> float | None:
+    """Seconds since a record timestamp (None when the record has none)."""
+    return time.time() - timestamp_ms / 1000 if timestamp_ms > 0 else None
+
+
 def _attempts(headers: list[tuple[str, bytes]]) -> int:
     """Earlier attempts recorded by a DLQ replay (``og-attempts``), 0 for a fresh message."""
     for key, value in headers:
@@ -107,6 +144,9 @@ class Intake:
         pipeline: Pipeline,
         topics: Topics,
         config: IntakeConfig,
+        *,
+        metrics: WorkerMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._consumer = consumer
         self._publisher = publisher
@@ -124,6 +164,15 @@ class Intake:
         """Set when the worker must exit non-zero (a publish failed): let the orchestrator
         restart it, and the uncommitted request be redelivered."""
         self._running = 0
+        self._metrics = metrics
+        self._tracer = tracer if tracer is not None else Tracer()
+        if metrics is not None:
+            metrics.track_intake(
+                lambda: self._in_flight,
+                lambda: self._running,
+                window_per_partition=config.window_per_partition,
+                max_in_flight=config.max_in_flight,
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -145,6 +194,7 @@ class Intake:
 
     async def run(self) -> None:
         committer = asyncio.create_task(self._commit_loop())
+        sampler = asyncio.create_task(self._metrics_loop()) if self._metrics else None
         try:
             while not self._stopping.is_set():
                 self._progress.clear()
@@ -166,9 +216,11 @@ class Intake:
                         self._admit(tp, record)
         finally:
             await self._drain()
-            committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await committer
+            for task in (committer, sampler):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self._commit(list(self._parts), attempts=_FINAL_COMMIT_ATTEMPTS)
 
     # -- window ------------------------------------------------------------------------------
@@ -195,8 +247,11 @@ class Intake:
                 part.paused = False
 
     async def _process(self, tp: TopicPartition, part: _Partition, record: Any) -> None:
-        headers = list(record.headers or ())
+        job = self._begin(tp, record)
+        # Replies, settlement records and dead letters carry the traceparent of our span.
+        headers = job.trace.headers
         action: _Reply | _DeadLetter | None = None
+        error: BaseException | None = None
         try:
             # The window bounds execution; publishing (waiting for broker acks) happens after
             # the slot is released, so produce latency does not idle the engine. The request
@@ -204,40 +259,81 @@ class Intake:
             async with part.window:
                 self._running += 1
                 self.max_concurrency_seen = max(self.max_concurrency_seen, self._running)
+                if self._metrics is not None:
+                    waited_s = _since_s(record.timestamp)
+                    if waited_s is not None:
+                        self._metrics.request_started(job.model, waited_s)
                 try:
-                    action = await self._decide(tp, record, headers)
+                    action = await self._decide(tp, record, headers, job)
                 finally:
                     self._running -= 1
-            await self._deliver(tp, record, headers, action)
-        except asyncio.CancelledError:
+            if action is not None:
+                with job.trace.span("og.publish", kind="PRODUCER"):
+                    await self._deliver(tp, record, headers, action)
+        except asyncio.CancelledError as e:
             # Abandoned on revocation or shutdown: not marked done, so never committed; the
             # next owner of the partition answers it.
+            error = e
+            if self._metrics is not None:
+                self._metrics.request_abandoned(job.model)
             raise
         except Exception as e:
             # Publishing failed after retries inside the producer. Leave the offset uncommitted
             # and stop: a restart redelivers it rather than this worker silently skipping it.
+            error = e
             log.critical(
                 "publish failed; stopping for redelivery", extra={"error": type(e).__name__}
             )
+            if self._metrics is not None:
+                self._metrics.publish_failed()
             self.fatal = e
             self.stop()
         else:
             part.complete(record.offset)
+            if self._pipeline.fatal is not None and self.fatal is None:
+                # The engine is gone (answered, not committed past): exit for a restart.
+                log.critical("engine failed fatally; stopping")
+                self.fatal = self._pipeline.fatal
+                self.stop()
+            outcome = _outcome(action)
+            if self._metrics is not None:
+                e2e_s = _since_s(record.timestamp) if action is not None else None
+                self._metrics.request_finished(job.model, job.mode, outcome, e2e_s)
+            job.trace.set(**{"og.outcome": outcome})
         finally:
             if isinstance(action, _Reply) and action.remember_id is not None:
                 self._active_ids.discard(action.remember_id)
             part.tasks.pop(record.offset, None)
             self._in_flight -= 1
             self._progress.set()
+            job.trace.end(error)
+
+    def _begin(self, tp: TopicPartition, record: Any) -> _Job:
+        """Start the record's trace and bind its ids to this task's log lines."""
+        model = self._topics.model_of(tp.topic) or "unknown"
+        attributes = None
+        if self._tracer.recording:
+            attributes = {
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": tp.topic,
+                "messaging.destination.partition.id": str(tp.partition),
+                "messaging.kafka.offset": record.offset,
+                "og.model": model,
+            }
+        trace = self._tracer.begin(list(record.headers or ()), attributes=attributes)
+        bind_log_context(trace_id=trace.context.trace_id, span_id=trace.context.span_id)
+        return _Job(model, trace)
 
     async def _decide(
-        self, tp: TopicPartition, record: Any, headers: list[tuple[str, bytes]]
+        self, tp: TopicPartition, record: Any, headers: list[tuple[str, bytes]], job: _Job
     ) -> _Reply | _DeadLetter | None:
         """What to publish for one record (None: a duplicate, nothing to publish)."""
         decoded = decode(record.value, InferenceRequest)
         if not isinstance(decoded, Decoded):
             if decoded.request_id is None:
                 return _DeadLetter(decoded.reason)
+            bind_log_context(request_id=decoded.request_id)
             reply = self._pipeline.error(
                 decoded.request_id,
                 self._topics.model_of(tp.topic) or "",
@@ -246,6 +342,9 @@ class Intake:
             )
             return _Reply(Outcome(reply), self._allowed_reply_topic(decoded.reply_to))
         request = decoded.message
+        job.mode = request.mode.value
+        bind_log_context(request_id=request.request_id)
+        job.trace.set(**{"og.request_id": request.request_id, "og.mode": job.mode})
         if request.request_id in self._recent or request.request_id in self._active_ids:
             # Answered already, or being answered now. If that answer fails to publish, the
             # worker stops before committing past it, so this copy is redelivered: safe.
@@ -255,7 +354,7 @@ class Intake:
         # answering is abandoned, so a later redelivery is not mistaken for a duplicate.
         self._active_ids.add(request.request_id)
         try:
-            return await self._answer(tp, request, decoded.document["payload"], headers)
+            return await self._answer(tp, request, decoded.document["payload"], headers, job)
         except BaseException:
             self._active_ids.discard(request.request_id)
             raise
@@ -266,6 +365,7 @@ class Intake:
         request: InferenceRequest,
         payload: Any,
         headers: list[tuple[str, bytes]],
+        job: _Job,
     ) -> _Reply:
         reply_to = self._allowed_reply_topic(request.reply_to)
         topic_model = self._topics.model_of(tp.topic)
@@ -277,7 +377,7 @@ class Intake:
                 f"request for another model arrived on the topic of {topic_model}",
             )
         else:
-            outcome = await self._run_pipeline(request, payload, reply_to, headers)
+            outcome = await self._run_pipeline(request, payload, reply_to, headers, job)
             return _Reply(outcome, reply_to, request.request_id)
         reply = self._pipeline.error(request.request_id, request.model, *error)
         return _Reply(Outcome(reply), reply_to, request.request_id)
@@ -317,14 +417,17 @@ class Intake:
         payload: Any,
         reply_to: str | None,
         headers: list[tuple[str, bytes]],
+        job: _Job,
     ) -> Outcome:
         async def chunks(chunk: StreamChunk) -> None:
             await self._publisher.publish_chunk(chunk, reply_to, headers)
 
+        started = time.perf_counter()
         try:
-            return await self._pipeline.handle(
-                request, payload, chunks=chunks if request.stream else None
-            )
+            with job.trace.span("og.infer"):
+                return await self._pipeline.handle(
+                    request, payload, chunks=chunks if request.stream else None
+                )
         except Exception as e:
             # A bug in our own code must still end in an answer, not a stalled partition. No
             # traceback in the log: exception texts can echo request data.
@@ -341,6 +444,9 @@ class Intake:
                     retryable=True,
                 )
             )
+        finally:
+            if self._metrics is not None:
+                self._metrics.inference_done(job.model, time.perf_counter() - started)
 
     def _remember(self, request_id: str) -> None:
         if self._config.dedupe_window == 0:
@@ -350,6 +456,27 @@ class Intake:
             self._recent.popitem(last=False)
 
     # -- commits and rebalances --------------------------------------------------------------
+
+    async def _metrics_loop(self) -> None:
+        assert self._metrics is not None
+        while True:
+            await asyncio.sleep(self._config.metrics_interval_s)
+            tps = list(self._parts)
+            try:
+                lags = await consumer_lag(self._consumer, tps)
+            except Exception as e:  # sampling must never take the intake down
+                log.warning("consumer lag not sampled", extra={"error": type(e).__name__})
+                lags = {}
+            for tp in tps:
+                part = self._parts.get(tp)
+                if part is not None:
+                    self._metrics.set_partition(
+                        tp.topic,
+                        tp.partition,
+                        in_flight=len(part.tasks),
+                        paused=part.paused,
+                        lag=lags.get(tp),
+                    )
 
     async def _commit_loop(self) -> None:
         while True:
@@ -403,6 +530,8 @@ class Intake:
         )
         for tp in revoked:
             self._parts.pop(tp, None)
+            if self._metrics is not None:
+                self._metrics.forget_partition(tp.topic, tp.partition)
 
     async def _drain(self) -> None:
         tasks = [task for part in self._parts.values() for task in part.tasks.values()]

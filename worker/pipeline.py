@@ -85,6 +85,8 @@ class Pipeline:
         """``sealer`` opens sealed requests (no sealer: they are refused); ``private_models``
         accept sealed requests only."""
         self._engines = engines
+        self.fatal: WorkerError | None = None
+        """Set when an engine reported a fatal failure; intake stops the worker on it."""
         self._sealer = sealer
         self._private_models = private_models
         self._modes = dict(modes or {})
@@ -170,6 +172,8 @@ class Pipeline:
         try:
             result = await self._run_with_retries(engine, request, payload, ctx, stream)
         except WorkerError as e:
+            if e.fatal and self.fatal is None:
+                self.fatal = e
             return Outcome(
                 self.error(
                     request.request_id, request.model, e.code, e.message, retryable=e.retryable

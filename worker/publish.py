@@ -2,6 +2,10 @@
 
 ``publish_outcome`` returns only when the broker has acknowledged both the reply and the
 settlement record (acks=all), which is what lets intake commit the request's offset afterwards.
+
+Trace context: every message published for a request carries the request's ``traceparent``
+(intake replaces it with one naming the worker's span), so the reply, the settlement record and
+a dead letter all join the request's trace.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from schemas.codec import encode
 from schemas.results import StreamChunk
 from schemas.topics import Topics
 from schemas.version import SCHEMA_VERSION
+from worker.metrics import WorkerMetrics
 from worker.pipeline import Outcome
 
 __all__ = ["Publisher"]
@@ -32,10 +37,18 @@ def _trace_headers(headers: Sequence[tuple[str, bytes]]) -> Headers:
 
 
 class Publisher:
-    def __init__(self, producer: Any, topics: Topics, dlq_key: PublicKey) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        topics: Topics,
+        dlq_key: PublicKey,
+        *,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self._producer = producer
         self._topics = topics
         self._dlq_box = SealedBox(dlq_key)
+        self._metrics = metrics
 
     async def publish_outcome(
         self, outcome: Outcome, reply_to: str | None, request_headers: Sequence[tuple[str, bytes]]
@@ -45,6 +58,7 @@ class Publisher:
             *_trace_headers(request_headers),
         ]
         key = outcome.reply.request_id.encode()
+        started = time.perf_counter()
         sends = [
             await self._producer.send(
                 reply_to or self._topics.replies, encode(outcome.reply), key=key, headers=headers
@@ -60,6 +74,8 @@ class Publisher:
                 )
             )
         await asyncio.gather(*sends)
+        if self._metrics is not None:
+            self._metrics.message_published("reply", time.perf_counter() - started)
 
     async def publish_chunk(
         self,
@@ -83,6 +99,8 @@ class Publisher:
             key=chunk.request_id.encode(),
             headers=headers,
         )
+        if self._metrics is not None:
+            self._metrics.message_published("chunk")
 
     async def dead_letter(
         self,
@@ -124,6 +142,9 @@ class Publisher:
             (t.HEADER_ATTEMPTS, str(attempts).encode()),
             *_trace_headers(request_headers),
         ]
+        started = time.perf_counter()
         await self._producer.send_and_wait(
             self._topics.dlq, json.dumps(entry).encode(), key=None, headers=headers
         )
+        if self._metrics is not None:
+            self._metrics.message_published("dead_letter", time.perf_counter() - started)

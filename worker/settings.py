@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka import KafkaSettings
 from schemas.topics import DEFAULT_NAMESPACE, Topics
+from worker.models.settings import CacheSettings
+from worker.proxy.settings import ProxySettings
+from worker.tracing import TracingSettings
+from worker.trust.attestation.settings import AttestationSettings
 
 __all__ = ["WorkerSettings"]
 
@@ -25,8 +29,13 @@ class WorkerSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     group_id: str = "og-workers"
     models: list[str] = Field(default_factory=lambda: ["demo-mlp", "demo-lm"], min_length=1)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
     hub_dir: Path = Path("var/hub")
     cache_dir: Path = Path("var/cache")
+    cache: CacheSettings = Field(
+        default_factory=CacheSettings,
+        description="model hub (local dir or HTTP), shared cache budget, pre-warm list",
+    )
     key_dir: Path = Path("var/keys")
     node_key: SecretStr | None = Field(
         default=None, description="hex ed25519 seed; when unset a key file in key_dir is used"
@@ -47,6 +56,10 @@ class WorkerSettings(BaseSettings):
         default_factory=list,
         description="models (among those served) that accept sealed requests only",
     )
+    attestation: AttestationSettings = Field(
+        default_factory=AttestationSettings,
+        description="TEE evidence binding the node keys, carried in the registration",
+    )
     heartbeat_interval_s: float = Field(
         default=10.0, gt=0, le=3600, description="registry heartbeat period"
     )
@@ -58,6 +71,11 @@ class WorkerSettings(BaseSettings):
     engine_retries: int = Field(default=2, ge=0, le=10)
     engine_retry_backoff_ms: int = Field(default=100, ge=0)
     dedupe_window: int = Field(default=10_000, ge=0)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65_535, description="serve /metrics /healthz /readyz; unset: off"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 in a pod")
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     log_level: str = "INFO"
 
     @field_validator("models")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from schemas.requests import ChatInput, MLInput
@@ -22,16 +23,21 @@ __all__ = ["FixedLatencyEngine"]
 
 
 class FixedLatencyEngine:
-    def __init__(self, ref: ModelRef, latency_s: float) -> None:
+    def __init__(
+        self, ref: ModelRef, latency_s: float, *, on_close: Callable[[], None] | None = None
+    ) -> None:
         self._ref = ref
         self._latency_s = latency_s
+        self._on_close = on_close
         self.running = 0
         self.max_running = 0
 
     @classmethod
-    async def load(cls, ref: ModelRef, path: Path) -> FixedLatencyEngine:
+    async def load(
+        cls, ref: ModelRef, path: Path, *, on_close: Callable[[], None] | None = None
+    ) -> FixedLatencyEngine:
         spec = json.loads(await asyncio.to_thread(path.read_bytes))
-        return cls(ref, float(spec["latency_ms"]) / 1000)
+        return cls(ref, float(spec["latency_ms"]) / 1000, on_close=on_close)
 
     @property
     def model_name(self) -> str:
@@ -57,4 +63,6 @@ class FixedLatencyEngine:
         return EngineResult(MLOutput(tensors=payload.tensors))
 
     async def close(self) -> None:
-        return None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()

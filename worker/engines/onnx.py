@@ -1,24 +1,35 @@
-"""ONNX Runtime engine: named tensors in, named tensors out.
+"""ONNX Runtime engine: named tensors in, named and typed tensors out.
 
 Inputs are checked against the session's declared inputs before anything runs (names, dtype,
-rank, fixed dimensions), so a malformed request gets a precise ``bad_request`` instead of an
-opaque runtime error. Error messages name tensors, dtypes and shapes, never values.
+rank, fixed dimensions, total size), so a malformed request gets a precise ``bad_request``
+instead of an opaque runtime error. Error messages name tensors, dtypes and shapes, never
+values.
 
-One session per engine, one intra-op thread: the worker scales by running requests
-concurrently (ONNX Runtime sessions are safe to call from several threads) rather than by
-fanning one small request out over every core.
+Float inputs may carry OpenGradient-style fixed-point elements ``{"value": V, "decimals": D}``
+(see ``schemas.requests.Tensor``), converted to the float nearest ``V / 10**D`` before the
+dtype cast. String tensors (``tensor(string)`` inputs) are fed as numpy object arrays.
+
+Sessions are cached per process by model digest: two served names for the same artifact share
+one ``InferenceSession`` (the cache holds it weakly, so it goes when the last engine does).
+One intra-op thread per session: the worker scales by running requests concurrently (sessions
+are safe to call from several threads) rather than by fanning one small request over every
+core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
+from schemas import limits
 from schemas.requests import ChatInput, MLInput, Tensor, TensorDType
 from schemas.results import ErrorCode, MLOutput, Usage
 from worker.engines.base import EngineResult, RunContext
@@ -28,6 +39,9 @@ from worker.models.refs import ModelRef
 __all__ = ["OnnxEngine"]
 
 _INSTALL_HINT = "pip install onnxruntime (a core dependency of verifiable-inference-node)"
+DEFAULT_MAX_INPUT_ELEMENTS = limits.MAX_TENSOR_ELEMENTS
+"""Total elements over all input tensors of one request. The wire limit is per tensor; a
+request of 32 maximal tensors would otherwise ask for 2M elements of work."""
 
 # ONNX Runtime type strings <-> wire dtypes <-> numpy dtypes.
 _ORT_TO_WIRE: dict[str, TensorDType] = {
@@ -63,17 +77,31 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-class OnnxEngine:
-    """Runs one ONNX model on the CPU. Build it with ``await OnnxEngine.load(ref, path)``."""
+class _Session:
+    """An ``InferenceSession`` plus its signature; weak-referenceable for the cache."""
 
-    def __init__(self, ref: ModelRef, path: Path) -> None:
-        """Create the session synchronously (blocking; ``load`` does it in a thread)."""
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = {arg.name: arg for arg in session.get_inputs()}
+        self.output_names = [arg.name for arg in session.get_outputs()]
+
+
+_SESSIONS: weakref.WeakValueDictionary[str, _Session] = weakref.WeakValueDictionary()
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _open_session(ref: ModelRef, path: Path) -> _Session:
+    """The process's session for ``ref.digest``, created on first use (blocking)."""
+    with _SESSIONS_LOCK:
+        cached = _SESSIONS.get(ref.digest)
+        if cached is not None:
+            return cached
         ort = _import_ort()
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         try:
-            self._session = ort.InferenceSession(
+            session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # ORT raises its own Exception subclasses
@@ -82,13 +110,33 @@ class OnnxEngine:
                 code=ErrorCode.INTERNAL,
                 model=ref.name,
             ) from e
+        opened = _Session(session)
+        _SESSIONS[ref.digest] = opened
+        return opened
+
+
+class OnnxEngine:
+    """Runs one ONNX model on the CPU. Build it with ``await OnnxEngine.load(ref, path)``."""
+
+    def __init__(
+        self,
+        ref: ModelRef,
+        path: Path,
+        *,
+        on_close: Callable[[], None] | None = None,
+        max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS,
+    ) -> None:
+        """Open (or reuse) the session synchronously; ``load`` does it in a thread."""
         self._ref = ref
-        self._inputs = {arg.name: arg for arg in self._session.get_inputs()}
-        self._output_names = [arg.name for arg in self._session.get_outputs()]
+        self._session: _Session | None = _open_session(ref, path)
+        self._on_close = on_close
+        self._max_elements = max_input_elements
 
     @classmethod
-    async def load(cls, ref: ModelRef, path: Path) -> OnnxEngine:
-        return await asyncio.to_thread(cls, ref, path)
+    async def load(
+        cls, ref: ModelRef, path: Path, *, on_close: Callable[[], None] | None = None
+    ) -> OnnxEngine:
+        return await asyncio.to_thread(cls, ref, path, on_close=on_close)
 
     @property
     def model_name(self) -> str:
@@ -98,21 +146,41 @@ class OnnxEngine:
     def model_digest(self) -> str:
         return self._ref.digest
 
+    @property
+    def input_names(self) -> list[str]:
+        return sorted(self._live().inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._live().output_names)
+
     async def run(
         self, payload: ChatInput | MLInput, ctx: RunContext | None = None
     ) -> EngineResult:
         if not isinstance(payload, MLInput):
             raise self._bad_request(f"model {self._ref.name} takes ml tensors, not chat messages")
-        feeds = self._feeds(payload)
-        outputs = await asyncio.to_thread(self._infer, feeds)
-        return EngineResult(output=self._to_output(outputs), usage=Usage())
+        session = self._live()
+        feeds = self._feeds(session, payload)
+        outputs = await asyncio.to_thread(self._infer, session, feeds)
+        return EngineResult(output=self._to_output(session, outputs), usage=Usage())
 
     async def close(self) -> None:
-        # The session is freed with the engine; nothing to flush.
-        return None
+        # Dropping the reference lets the weak session cache free the session once no other
+        # engine shares it; the lease on the cached file goes with it.
+        self._session = None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
-    def _feeds(self, payload: MLInput) -> dict[str, np.ndarray[Any, Any]]:
-        expected, received = set(self._inputs), set(payload.tensors)
+    def _live(self) -> _Session:
+        if self._session is None:
+            raise PermanentError(
+                f"model {self._ref.name} is unloaded", code=ErrorCode.INTERNAL, model=self._ref.name
+            )
+        return self._session
+
+    def _feeds(self, session: _Session, payload: MLInput) -> dict[str, np.ndarray[Any, Any]]:
+        expected, received = set(session.inputs), set(payload.tensors)
         if missing := sorted(expected - received):
             raise self._bad_request(f"missing input tensor(s): {', '.join(missing)}")
         if unexpected := sorted(received - expected):
@@ -120,10 +188,18 @@ class OnnxEngine:
                 f"unexpected input tensor(s): {', '.join(unexpected)}; "
                 f"model takes {', '.join(sorted(expected))}"
             )
-        return {name: self._convert(name, tensor) for name, tensor in payload.tensors.items()}
+        total = sum(len(t.data) for t in payload.tensors.values())
+        if total > self._max_elements:
+            raise self._bad_request(
+                f"input too large: {total} elements in all, this model takes at most "
+                f"{self._max_elements}"
+            )
+        return {
+            name: self._convert(session, name, tensor) for name, tensor in payload.tensors.items()
+        }
 
-    def _convert(self, name: str, tensor: Tensor) -> np.ndarray[Any, Any]:
-        arg = self._inputs[name]
+    def _convert(self, session: _Session, name: str, tensor: Tensor) -> np.ndarray[Any, Any]:
+        arg = session.inputs[name]
         want_dtype = _ORT_TO_WIRE.get(arg.type)
         if want_dtype is None:
             raise PermanentError(
@@ -135,29 +211,33 @@ class OnnxEngine:
             raise self._bad_request(
                 f"input {name}: expected dtype {want_dtype}, got {tensor.dtype}"
             )
-        want_shape = list(arg.shape) if arg.shape is not None else None
-        if want_shape is not None:
-            shown = [d if isinstance(d, int) else "?" for d in want_shape]
-            if len(tensor.shape) != len(want_shape):
-                raise self._bad_request(
-                    f"input {name}: expected rank {len(want_shape)} shape {shown}, "
-                    f"got rank {len(tensor.shape)} shape {tensor.shape}"
-                )
-            for want, got in zip(want_shape, tensor.shape, strict=True):
-                # A dimension given as a name ("N") or None is dynamic: any size is fine.
-                if isinstance(want, int) and want >= 0 and want != got:
-                    raise self._bad_request(
-                        f"input {name}: expected shape {shown}, got {tensor.shape}"
-                    )
+        self._check_shape(name, arg.shape, tensor.shape)
+        data: list[Any] = tensor.data
+        if want_dtype in {"float32", "float64"}:
+            data = [_fixed_to_float(v) if isinstance(v, dict) else v for v in data]
         with np.errstate(over="ignore"):  # overflow is reported below, not as a warning
-            array = np.array(tensor.data, dtype=_WIRE_TO_NUMPY[want_dtype])
+            array = np.array(data, dtype=_WIRE_TO_NUMPY[want_dtype])
         if want_dtype == "float32" and not np.isfinite(array).all():
             raise self._bad_request(f"input {name}: values out of float32 range")
         return array.reshape(tensor.shape)
 
-    def _infer(self, feeds: dict[str, np.ndarray[Any, Any]]) -> list[Any]:
+    def _check_shape(self, name: str, declared: list[Any] | None, got: list[int]) -> None:
+        if declared is None:
+            return
+        shown = [d if isinstance(d, int) else "?" for d in declared]
+        if len(got) != len(declared):
+            raise self._bad_request(
+                f"input {name}: expected rank {len(declared)} shape {shown}, "
+                f"got rank {len(got)} shape {got}"
+            )
+        for want, size in zip(declared, got, strict=True):
+            # A dimension given as a name ("N") or None is dynamic: any size is fine.
+            if isinstance(want, int) and want >= 0 and want != size:
+                raise self._bad_request(f"input {name}: expected shape {shown}, got {got}")
+
+    def _infer(self, session: _Session, feeds: dict[str, np.ndarray[Any, Any]]) -> list[Any]:
         try:
-            result: list[Any] = self._session.run(self._output_names, feeds)
+            result: list[Any] = session.session.run(session.output_names, feeds)
         except Exception as e:
             # ORT messages can quote shapes but not tensor contents; still, only the exception
             # type goes into the reply, the full text stays on the chained cause for the logs.
@@ -173,37 +253,36 @@ class OnnxEngine:
             ) from e
         return result
 
-    def _to_output(self, outputs: list[Any]) -> MLOutput:
+    def _to_output(self, session: _Session, outputs: list[Any]) -> MLOutput:
         tensors: dict[str, Tensor] = {}
-        for name, value in zip(self._output_names, outputs, strict=True):
+        for name, value in zip(session.output_names, outputs, strict=True):
             array = np.asarray(value)
             dtype = _numpy_to_wire(array.dtype)
             if dtype is None:
-                raise PermanentError(
-                    f"model {self._ref.name}: output {name} has unsupported dtype {array.dtype}",
-                    code=ErrorCode.INTERNAL,
-                    model=self._ref.name,
-                )
+                raise self._internal(f"output {name} has unsupported dtype {array.dtype}")
             data = array.ravel().tolist()
             if dtype in {"float32", "float64"} and not all(math.isfinite(v) for v in data):
-                raise PermanentError(
-                    f"model {self._ref.name}: model produced non-finite values in {name}",
-                    code=ErrorCode.INTERNAL,
-                    model=self._ref.name,
-                )
+                raise self._internal(f"model produced non-finite values in {name}")
             try:
                 tensors[name] = Tensor(dtype=dtype, shape=list(array.shape), data=data)
             except ValidationError as e:
-                raise PermanentError(
-                    f"model {self._ref.name}: output {name} of shape {list(array.shape)} "
-                    "exceeds the wire limits",
-                    code=ErrorCode.INTERNAL,
-                    model=self._ref.name,
+                raise self._internal(
+                    f"output {name} of shape {list(array.shape)} exceeds the wire limits"
                 ) from e
         return MLOutput(tensors=tensors)
 
     def _bad_request(self, message: str) -> PermanentError:
         return PermanentError(message, code=ErrorCode.BAD_REQUEST, model=self._ref.name)
+
+    def _internal(self, message: str) -> PermanentError:
+        return PermanentError(
+            f"model {self._ref.name}: {message}", code=ErrorCode.INTERNAL, model=self._ref.name
+        )
+
+
+def _fixed_to_float(element: dict[str, Any]) -> float:
+    # int / int is correctly rounded in Python: the nearest double to value / 10**decimals.
+    return float(element["value"] / 10 ** element["decimals"])
 
 
 def _numpy_to_wire(dtype: np.dtype[Any]) -> TensorDType | None:

@@ -129,6 +129,7 @@ def add_fixed_latency_model(root: Path, name: str, latency_ms: float) -> ModelRe
 _EXTENSIONS = {
     ModelFormat.ONNX: "onnx",
     ModelFormat.HF_CAUSAL_LM: "tar",
+    ModelFormat.VLLM: "tar",
     ModelFormat.FIXED_LATENCY: "json",
 }
 

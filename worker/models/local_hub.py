@@ -1,38 +1,26 @@
 """A model hub backed by a local directory: ``<root>/index.json`` plus blobs under it.
 
-Materialising a model copies (ONNX) or unpacks (HF causal LM tar) the blob into a cache
-directory, addressed by digest. Every write goes to a temporary name in the cache directory
-first and is published with an atomic rename, so a crash or a concurrent worker never leaves a
-half-written model under its final name. The blob's sha256 is checked before anything is
-published; a mismatch raises ``ModelIntegrityError``.
+``fetch`` copies a blob into the shared cache's partial file (see ``ModelHub``); the cache
+verifies and publishes it. ``materialize`` is the older single-process shortcut, kept for
+tools and tests that want a verified model without a cache: it copies (ONNX) or unpacks (HF
+causal LM tar) the blob into a flat directory addressed by digest, with a temp name and an
+atomic rename, but no cross-process lock, eviction or lease. Workers use ``ModelCache``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
+from worker.models.files import check_digest, copy_limited, safe_extract, sha256_file
 from worker.models.hub import ModelIntegrityError
 from worker.models.refs import HubIndex, ModelFormat, ModelRef
 
 __all__ = ["INDEX_FILE", "LocalHub", "ModelIntegrityError", "sha256_file"]
 
 INDEX_FILE = "index.json"
-_CHUNK_BYTES = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class LocalHub:
@@ -40,6 +28,9 @@ class LocalHub:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"LocalHub({str(self.root)!r})"
 
     def index(self) -> HubIndex:
         """Parse ``root/index.json``."""
@@ -57,6 +48,20 @@ class LocalHub:
             raise ModelIntegrityError(f"model {ref.name}: uri points outside the hub")
         return path
 
+    def fetch(self, ref: ModelRef, partial: Path) -> None:
+        """Append the blob to ``partial`` from its current size (see ``ModelHub.fetch``)."""
+        src_path = self.blob_path(ref)
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset > ref.size_bytes:
+            offset = 0  # longer than the model can be: start again
+        with src_path.open("rb") as src, partial.open("r+b" if partial.exists() else "wb") as dst:
+            dst.truncate(offset)
+            dst.seek(offset)
+            src.seek(offset)
+            copy_limited(ref, src, dst, offset)
+            dst.flush()
+            os.fsync(dst.fileno())
+
     def materialize(self, ref: ModelRef, cache_dir: Path) -> Path:
         """Return a verified local path for ``ref``: the ``.onnx`` file, or the directory an
         HF causal LM tar unpacks into. Synchronous: call it through ``asyncio.to_thread``."""
@@ -73,19 +78,16 @@ class LocalHub:
             if sha256_file(target) == ref.digest:
                 return target
             target.unlink(missing_ok=True)
-        with self.blob_path(ref).open("rb") as src:
-            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as dst:
-                    actual = _copy_hashing(src, dst)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                _check_digest(ref, actual)
-                tmp.chmod(0o644)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            self.fetch(ref, tmp)
+            check_digest(ref, sha256_file(tmp))
+            tmp.chmod(0o644)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return target
 
     def _materialize_tar(self, ref: ModelRef, target: Path) -> Path:
@@ -94,10 +96,10 @@ class LocalHub:
         if target.is_dir():
             return target
         blob = self.blob_path(ref)
-        _check_digest(ref, sha256_file(blob))
+        check_digest(ref, sha256_file(blob))
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
-            _safe_extract(ref, blob, tmp)
+            safe_extract(ref, blob, tmp)
             tmp.chmod(0o755)
             try:
                 os.rename(tmp, target)
@@ -109,35 +111,3 @@ class LocalHub:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return target
-
-
-def _copy_hashing(src: BinaryIO, dst: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    while chunk := src.read(_CHUNK_BYTES):
-        digest.update(chunk)
-        dst.write(chunk)
-    return digest.hexdigest()
-
-
-def _check_digest(ref: ModelRef, actual: str) -> None:
-    if actual != ref.digest:
-        raise ModelIntegrityError(
-            f"model {ref.name}@{ref.version}: blob sha256 {actual} does not match the index "
-            f"digest {ref.digest}"
-        )
-
-
-def _safe_extract(ref: ModelRef, blob: Path, dest: Path) -> None:
-    """Unpack a tar with the ``data`` filter: no absolute paths, no ``..``, no links leaving
-    ``dest``, no device files. Any refusal is an integrity error, not a crash."""
-    try:
-        with tarfile.open(blob, mode="r:") as tar:
-            for member in tar.getmembers():
-                name = member.name.replace("\\", "/")
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise ModelIntegrityError(
-                        f"model {ref.name}: archive member {member.name!r} escapes the target"
-                    )
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as e:
-        raise ModelIntegrityError(f"model {ref.name}: cannot unpack archive: {e}") from e

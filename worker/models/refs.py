@@ -26,6 +26,10 @@ class ModelFormat(StrEnum):
     """A single ``.onnx`` file, run by ONNX Runtime."""
     HF_CAUSAL_LM = "hf-causal-lm"
     """A tar of a ``save_pretrained`` directory (model + tokenizer), run by transformers."""
+    VLLM = "vllm"
+    """Packed like ``hf-causal-lm``, served by vLLM on a GPU (the ``gpu`` extra). A separate
+    format, not an engine choice: the output of a request depends on the runtime, so the hub
+    entry names the one a verifier must use to reproduce it."""
     FIXED_LATENCY = "fixed-latency"
     """A JSON file ``{"latency_ms": N}``: echoes its ML input after N ms. For benchmarks and
     intake tests, where the engine's cost must be known exactly."""

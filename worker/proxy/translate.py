@@ -44,6 +44,13 @@ def _openai_message(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _set_sampling(payload: ChatInput) -> dict[str, float]:
+    """Only the sampling values the client set: unset ones stay the provider's default."""
+    params = payload.params
+    values = {"temperature": params.temperature, "top_p": params.top_p}
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def openai_chat_kwargs(payload: ChatInput, model: ProxiedModel) -> dict[str, Any]:
     """Keyword arguments for ``AsyncOpenAI().chat.completions.create`` (without ``stream``)."""
     _check_common(payload, model)
@@ -53,10 +60,9 @@ def openai_chat_kwargs(payload: ChatInput, model: ProxiedModel) -> dict[str, Any
     kwargs: dict[str, Any] = {
         "model": model.api_model,
         "messages": [_openai_message(m) for m in payload.messages],
-        "temperature": params.temperature,
-        "top_p": params.top_p,
         "max_completion_tokens": params.max_tokens,
         "store": False,
+        **_set_sampling(payload),
     }
     if params.stop:
         kwargs["stop"] = list(params.stop)
@@ -98,9 +104,8 @@ def openai_completions_kwargs(payload: ChatInput, model: ProxiedModel) -> dict[s
     kwargs: dict[str, Any] = {
         "model": model.api_model,
         "prompt": message.content or "",
-        "temperature": params.temperature,
-        "top_p": params.top_p,
         "max_tokens": params.max_tokens,
+        **_set_sampling(payload),
     }
     if params.stop:
         kwargs["stop"] = list(params.stop)
@@ -183,18 +188,18 @@ def _append_user_blocks(turns: list[dict[str, Any]], blocks: list[dict[str, Any]
 def anthropic_messages_kwargs(payload: ChatInput, model: ProxiedModel) -> dict[str, Any]:
     """Keyword arguments for ``AsyncAnthropic().messages.create`` (without ``stream``).
 
-    API 2026-10-21 (SDK 2.x) has no sampling controls: ``seed``, ``top_k``, a ``top_p`` below
-    1 and a ``temperature`` other than our default are refused; the default temperature means
-    "the provider's own sampling" for this provider (documented in docs/PROXY.md)."""
+    API 2026-10-21 (SDK 2.x) has no sampling controls: a request that sets ``seed``,
+    ``top_k``, ``top_p`` or ``temperature`` is refused; left unset, the provider samples as
+    it does by default (documented in docs/PROXY.md)."""
     _check_common(payload, model)
     params = payload.params
     if params.seed is not None:
         raise invalid_request("seed is not supported by anthropic")
     if params.top_k is not None:
         raise invalid_request("top_k is not supported by anthropic (api 2026-10-21)")
-    if params.top_p != 1.0:
+    if params.top_p is not None:
         raise invalid_request("top_p is not supported by anthropic (api 2026-10-21)")
-    if params.temperature != 0.0:
+    if params.temperature is not None:
         raise invalid_request("temperature is not supported by anthropic (api 2026-10-21)")
     system, turns = _anthropic_turns(payload.messages)
     kwargs: dict[str, Any] = {
