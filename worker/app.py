@@ -32,6 +32,7 @@ from worker.tracing import Tracing, configure_tracing
 from worker.trust.keys import load_or_create_seed
 from worker.trust.sealing import NodeSealer
 from worker.trust.signer import Signer
+from worker.trust.tee import TeeMode
 
 __all__ = [
     "Worker",
@@ -128,6 +129,22 @@ async def load_engines(
     return engines
 
 
+def _registered_models(
+    engines: dict[str, Engine],
+    modes: dict[VerificationMode, ModeHandler],
+    private: frozenset[str],
+) -> list[RegisteredModel]:
+    return [
+        RegisteredModel(
+            name=name,
+            digest=engine.model_digest,
+            modes=[VerificationMode.VANILLA, *(m for m, h in modes.items() if h.accepts(name))],
+            private=name in private,
+        )
+        for name, engine in engines.items()
+    ]
+
+
 class WorkerFatal(Exception):
     """The worker cannot go on safely; the process should exit non-zero."""
 
@@ -174,7 +191,11 @@ class Worker:
             raise WorkerFatal("private_models names a model this worker does not serve")
         self._producer = AIOKafkaProducer(**s.kafka.producer_kwargs())
         await self._producer.start()
-        modes: dict[VerificationMode, ModeHandler] = {}
+        address = await asyncio.to_thread(chain_address, s)
+        attestation = await node_attestation(
+            s, self.signer.node_id, self.sealer.public_key_hex, address
+        )
+        modes: dict[VerificationMode, ModeHandler] = {VerificationMode.TEE: TeeMode(attestation)}
         pipeline = Pipeline(
             self.engines,
             self.signer,
@@ -184,28 +205,14 @@ class Worker:
             sealer=self.sealer,
             private_models=private,
         )
-        address = await asyncio.to_thread(chain_address, s)
         self.registrar = Registrar(
             self._producer,
             s.topics.registry,
             self.signer,
             x25519_public_key=self.sealer.public_key_hex,
             chain_address=address,
-            models=[
-                RegisteredModel(
-                    name=name,
-                    digest=engine.model_digest,
-                    modes=[
-                        VerificationMode.VANILLA,
-                        *(m for m, h in modes.items() if h.accepts(name)),
-                    ],
-                    private=name in private,
-                )
-                for name, engine in self.engines.items()
-            ],
-            attestation=await node_attestation(
-                s, self.signer.node_id, self.sealer.public_key_hex, address
-            ),
+            models=_registered_models(self.engines, modes, private),
+            attestation=attestation,
             interval_s=s.heartbeat_interval_s,
         )
         # Registered before subscribing: the node serves nothing the network cannot know.

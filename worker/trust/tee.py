@@ -1,0 +1,31 @@
+"""TEE mode: results a node signs inside an attested environment.
+
+Nothing extra happens per request: the guarantee comes from the node's registration, whose
+attestation binds the signing key to a measured TEE image. The node accepts TEE requests only
+when it has such evidence; settlement and clients accept TEE-mode records only from nodes whose
+evidence verifies under their policy (``client.registry``).
+"""
+
+from __future__ import annotations
+
+from schemas.attestation import Attestation
+from schemas.requests import InferenceRequest
+from schemas.results import ResultEnvelope
+from worker.engines.base import EngineResult
+
+__all__ = ["TeeMode"]
+
+
+class TeeMode:
+    """``ModeHandler`` for ``VerificationMode.TEE``."""
+
+    def __init__(self, attestation: Attestation | None) -> None:
+        self._attested = attestation is not None
+
+    def accepts(self, model: str) -> bool:
+        return self._attested
+
+    def signed(
+        self, request: InferenceRequest, result: EngineResult, envelope: ResultEnvelope
+    ) -> None:
+        return None
