@@ -131,6 +131,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         parse_payload,
     )
     from client.verify import verify_result
+    from schemas.base import VerificationMode
     from schemas.codec import encode
     from schemas.results import InferenceResult, StreamChunk
     from schemas.topics import Topics
@@ -152,6 +153,7 @@ def cmd_request(args: argparse.Namespace) -> int:
             deadline_s=args.deadline_s,
             payer=args.payer,
             reply_to=settings.reply_to,
+            mode=VerificationMode(args.mode),
         )
         if args.stream:
             request = request.model_copy(update={"stream": True})
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seal the payload to the active nodes serving the model; print the opened reply",
     )
     r.add_argument("--stream", action="store_true", help="stream text to stderr as it comes")
+    r.add_argument("--mode", choices=["VANILLA", "TEE", "ZKML"], default="VANILLA")
     r.set_defaults(func=cmd_request)
 
     v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")
