@@ -50,6 +50,7 @@ from infra.chain import DEV_ACCOUNTS, dev_private_key, running_anvil
 from infra.kafka import KafkaSettings
 from infra.topics import ensure_topics, standard_topics
 from schemas import ResultEnvelope, SettlementRecord, Usage, VerificationMode, encode
+from schemas.registry import RegisteredModel
 from schemas.topics import Topics
 from settlement.app import SettlementService
 from settlement.chain import ChainSettings, SettlementChain
@@ -57,6 +58,7 @@ from settlement.ledger import open_ledger
 from settlement.merkle import MerkleTree, envelope_leaf
 from settlement.settings import SettlementSettings
 from settlement.verify import Verified, verify_record
+from worker.registration import Registrar
 from worker.trust.signer import Signer
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -73,9 +75,37 @@ def _kafka(bootstrap: str) -> KafkaSettings:
     )
 
 
+SIGNERS = [Signer(bytes([i]) * 32) for i in (1, 2)]
+
+
+async def _register(kafka: KafkaSettings, topics: Topics) -> None:
+    """Register the two node keys as their workers would: settlement requires it."""
+    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    await producer.start()
+    try:
+        for signer in SIGNERS:
+            registrar = Registrar(
+                producer,
+                topics.registry,
+                signer,
+                x25519_public_key="00" * 32,
+                chain_address="0x" + "00" * 20,
+                models=[
+                    RegisteredModel(
+                        name="demo-mlp", digest="ab" * 32, modes=[VerificationMode.VANILLA]
+                    )
+                ],
+                attestation=None,
+                interval_s=3600,
+            )
+            await registrar.publish()
+    finally:
+        await producer.stop()
+
+
 def _records(n: int) -> list[SettlementRecord]:
     """n signed records from two node keys, as a worker would produce them."""
-    signers = [Signer(bytes([i]) * 32) for i in (1, 2)]
+    signers = SIGNERS
     now_ms = time.time_ns() // 1_000_000
     records = []
     for i in range(n):
@@ -253,6 +283,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         kafka = _kafka(broker.bootstrap)
         topics = Topics("s" + uuid.uuid4().hex[:10])
         await ensure_topics(broker.bootstrap, standard_topics(topics.namespace, []))
+        await _register(kafka, topics)
         await _produce(kafka, topics.settlement, keyed)
 
         service: dict[str, list[float]] = {"sqlite": [], "postgres": []}

@@ -31,7 +31,7 @@ def add_models_parser(sub: Any) -> argparse.ArgumentParser:
     m: argparse.ArgumentParser = sub.add_parser(
         "models", help="model hub and shared cache (OG_WORKER_* settings)"
     )
-    m.add_argument("action", choices=["build-demo", "list", "pull", "evict"])
+    m.add_argument("action", choices=["build-demo", "list", "pull", "evict", "zk-prepare"])
     m.add_argument("names", nargs="*", help="pull/evict: model names (evict: or digests)")
     m.add_argument("--hub-dir", type=Path, help="local hub directory (default: worker setting)")
     m.add_argument("--hub-url", help="HTTP(S) hub base URL (default: worker setting)")
@@ -40,6 +40,7 @@ def add_models_parser(sub: Any) -> argparse.ArgumentParser:
     m.add_argument("--cache", action="store_true", help="list: the cache's entries")
     m.add_argument("--all", action="store_true", help="evict: every entry not in use")
     m.add_argument("--to-bytes", type=int, help="evict: LRU entries until usage <= N bytes")
+    m.add_argument("--export", type=Path, help="zk-prepare: settlement's verifying-key store")
     return m
 
 
@@ -64,6 +65,12 @@ def run_models(args: argparse.Namespace) -> int:
             return _list(cache, show_cache=args.cache)
         if args.action == "pull":
             return _pull(cache, args.names)
+        if args.action == "zk-prepare":
+            from worker.zkml import zk_prepare
+
+            cache_dir = args.cache_dir or settings.cache_dir
+            _print(zk_prepare(settings.zk, cache, cache_dir, args.names, args.export))
+            return 0
         return _evict(cache, args.names, every=args.all, to_bytes=args.to_bytes)
     except (ModelError, OSError, ValueError) as e:
         sys.stderr.write(f"inference-node: models {args.action}: {e}\n")

@@ -25,6 +25,7 @@ from settlement.chain import Anchored, ChainError, DuplicateRoot, SettlementChai
 from settlement.failpoints import failpoint
 from settlement.ledger.base import BatchRow, Ledger
 from settlement.merkle import MerkleTree, envelope_leaf
+from settlement.metrics import SettlementMetrics
 
 __all__ = ["Batcher", "BatcherConfig"]
 
@@ -51,8 +52,10 @@ class Batcher:
         config: BatcherConfig,
         *,
         clock_ms: Callable[[], int] = _now_ms,
+        metrics: SettlementMetrics | None = None,
     ) -> None:
         self._ledger = ledger
+        self._metrics = metrics
         self._chain = chain
         self._config = config
         self._clock_ms = clock_ms
@@ -71,6 +74,8 @@ class Batcher:
             except ChainError as e:
                 # The chain is down or refused us: the batch stays ``built`` and is retried.
                 log.warning("anchoring failed; will retry", extra={"error": e.reason or "chain"})
+                if self._metrics is not None:
+                    self._metrics.anchor_failed()
                 delay_s = self._config.retry_backoff_s
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay_s)
@@ -93,6 +98,8 @@ class Batcher:
         if self._clock_ms() - oldest >= self._config.max_age_s * 1000:
             return True
         pending = await asyncio.to_thread(self._ledger.unbatched_count)
+        if self._metrics is not None:
+            self._metrics.set_unbatched(pending)
         return pending >= self._config.max_records
 
     async def _build(self) -> BatchRow | None:
@@ -109,6 +116,8 @@ class Batcher:
             self._ledger.create_batch, "0x" + tree.root.hex(), members
         )
         failpoint("after_batch_built")
+        if self._metrics is not None:
+            self._metrics.batch_built(len(members))
         log.info("batch built", extra={"batch_id": batch_id, "records": len(members)})
         return await asyncio.to_thread(self._ledger.batch, batch_id)
 
@@ -135,6 +144,8 @@ class Batcher:
             anchored.batch_index,
         )
         self.anchored.append(anchored)
+        if self._metrics is not None:
+            self._metrics.batch_anchored(batch.count, anchored.gas_used)
         log.info(
             "batch anchored",
             extra={"batch_id": batch.id, "records": batch.count, "gas_used": anchored.gas_used},

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka import KafkaSettings
 from schemas.topics import DEFAULT_NAMESPACE, Topics
 from settlement.chain import ChainSettings
+from settlement.nodes import RegistrySettings
 
-__all__ = ["SettlementSettings"]
+__all__ = ["ProofSettings", "SettlementSettings"]
+
+
+class ProofSettings(BaseModel):
+    """ZKML proof verification (``OG_SETTLEMENT_ZK__*``)."""
+
+    vk_store_dir: Path | None = Field(
+        default=None,
+        description="pinned verifying keys: <dir>/<model digest>/{manifest.json,settings.json,"
+        "vk.key} and <dir>/srs/<sha256>.srs (inference-node models zk-prepare --export DIR);"
+        " unset: every proof record is rejected (unknown_circuit)",
+    )
+    allow_dev_srs: bool = Field(
+        default=False, description="accept proofs made with a locally generated (dev-) SRS"
+    )
+    verify_timeout_s: float = Field(
+        default=120.0, gt=0, description="per batch of proofs (verified in a child process)"
+    )
 
 
 class SettlementSettings(BaseSettings):
@@ -33,9 +53,18 @@ class SettlementSettings(BaseSettings):
     )
     merkle_batch_max_records: int = Field(default=1000, ge=1, le=100_000)
     merkle_batch_max_age_s: float = Field(default=5.0, gt=0)
+    zk: ProofSettings = Field(default_factory=ProofSettings)
     max_clock_skew_s: float = Field(
         default=300.0, gt=0, description="records signed further in the future are rejected"
     )
+    registry: RegistrySettings = Field(
+        default_factory=RegistrySettings,
+        description="which nodes' records are accepted: registration, freshness, revocation, TEE",
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65_535, description="serve /metrics /healthz /readyz; unset: off"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="bind address; 0.0.0.0 in a pod")
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -56,3 +56,55 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.1)
+
+
+async def register_node(
+    bootstrap: str,
+    registry_topic: str,
+    signer: Any,
+    *,
+    models: tuple[str, ...] = ("demo-mlp",),
+    heartbeat_interval_s: float = 3600.0,
+) -> None:
+    """Publish a valid registration for ``signer`` (a ``worker.trust.signer.Signer``), as a
+    worker would, so settlement accepts records it signs. A long heartbeat interval keeps it
+    fresh for the whole test."""
+    import time
+
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.base import VerificationMode
+    from schemas.codec import encode
+    from schemas.registry import (
+        REGISTRATION_DOMAIN,
+        NodeRegistration,
+        RegisteredModel,
+        RegistrationRecord,
+        registration_key,
+    )
+
+    now_ms = time.time_ns() // 1_000_000
+    registration = NodeRegistration(
+        node_id=signer.node_id,
+        x25519_public_key="00" * 32,
+        chain_address="0x" + "00" * 20,
+        models=[
+            RegisteredModel(name=m, digest="ab" * 32, modes=[VerificationMode.VANILLA])
+            for m in models
+        ],
+        software_version="test",
+        started_unix_ms=now_ms - 60_000,
+        heartbeat_unix_ms=now_ms,
+        heartbeat_interval_s=heartbeat_interval_s,
+    )
+    record = RegistrationRecord(
+        registration=registration, signature=signer.sign(REGISTRATION_DOMAIN, registration)
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            registry_topic, encode(record), key=registration_key(signer.node_id)
+        )
+    finally:
+        await producer.stop()

@@ -33,6 +33,7 @@ from worker.trust.keys import load_or_create_seed
 from worker.trust.sealing import NodeSealer
 from worker.trust.signer import Signer
 from worker.trust.tee import TeeMode
+from worker.zkml.handler import ZkmlModeHandler
 
 __all__ = [
     "Worker",
@@ -161,6 +162,7 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.health: HealthServer | None = None
         self.tracing: Tracing | None = None
+        self.zkml: ZkmlModeHandler | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._stop_requested = False
@@ -196,6 +198,9 @@ class Worker:
             s, self.signer.node_id, self.sealer.public_key_hex, address
         )
         modes: dict[VerificationMode, ModeHandler] = {VerificationMode.TEE: TeeMode(attestation)}
+        if s.zk.enabled:
+            self.zkml = await self._zkml()
+            modes[VerificationMode.ZKML] = self.zkml
         pipeline = Pipeline(
             self.engines,
             self.signer,
@@ -245,6 +250,27 @@ class Worker:
             self.intake.stop()
         log.info("worker ready", extra={"node_id": self.signer.node_id, "models": s.models})
 
+    async def _zkml(self) -> ZkmlModeHandler:
+        """Prepare (or load from the cache) the circuits of the ONNX models, start the prover."""
+        from worker.zkml import ZkConfigError, prepare_circuits, proof_publisher
+
+        s = self.settings
+        try:
+            circuits = await prepare_circuits(
+                s.zk, open_cache(s.hub_dir, s.cache_dir, s.cache), list(self.engines), s.cache_dir
+            )
+        except ZkConfigError as e:
+            raise WorkerFatal(str(e)) from e
+        handler = ZkmlModeHandler(
+            circuits,
+            self.signer,
+            proof_publisher(self._producer, s.topics),
+            s.zk,
+            metrics=self.metrics,
+        )
+        handler.start()
+        return handler
+
     async def run(self) -> None:
         """Serve until ``stop()``; raise ``WorkerFatal`` if the worker stopped on a failure."""
         assert self.intake is not None, "setup() first"
@@ -269,6 +295,8 @@ class Worker:
                 await asyncio.wait_for(self.registrar.publish("draining"), 5.0)
             except Exception as e:
                 log.warning("draining status not published", extra={"error_type": type(e).__name__})
+        if self.zkml is not None:
+            await self.zkml.close(drain_timeout_s=self.settings.drain_timeout_s)
         if self._producer is not None:
             await self._producer.stop()
         for engine in self.engines.values():

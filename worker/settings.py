@@ -16,6 +16,7 @@ from worker.models.settings import CacheSettings
 from worker.proxy.settings import ProxySettings
 from worker.tracing import TracingSettings
 from worker.trust.attestation.settings import AttestationSettings
+from worker.zkml.settings import ZkSettings
 
 __all__ = ["WorkerSettings"]
 
@@ -59,6 +60,9 @@ class WorkerSettings(BaseSettings):
     attestation: AttestationSettings = Field(
         default_factory=AttestationSettings,
         description="TEE evidence binding the node keys, carried in the registration",
+    )
+    zk: ZkSettings = Field(
+        default_factory=ZkSettings, description="ZKML proofs (EZKL) for ONNX models"
     )
     heartbeat_interval_s: float = Field(
         default=10.0, gt=0, le=3600, description="registry heartbeat period"

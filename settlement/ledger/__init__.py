@@ -19,6 +19,7 @@ from settlement.ledger.base import (
     BatchStatus,
     Ledger,
     LedgerError,
+    ProofEntry,
     RejectedInput,
     StoredRecord,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "PostgresLedger",
+    "ProofEntry",
     "RejectedInput",
     "SqliteLedger",
     "StoredRecord",

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 from schemas.results import ResultEnvelope
 from schemas.settlement import SettlementRecord
+from settlement.ledger.proofs import ProofEntry
 from settlement.verify import Rejected
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "BatchStatus",
     "Ledger",
     "LedgerError",
+    "ProofEntry",
     "RejectedInput",
     "StoredRecord",
 ]
@@ -123,13 +125,24 @@ class Ledger(Protocol):
         accepted: Sequence[SettlementRecord],
         rejected: Sequence[RejectedInput],
         origins: Sequence[str] | None = None,
+        proofs: Sequence[ProofEntry] = (),
     ) -> int:
-        """Store records and rejections in one transaction; return how many records were new.
+        """Store records, rejections and proofs in one transaction; return how many records
+        were new.
 
         ``origins`` (``"topic/partition/offset"`` per accepted record) tells a redelivery of
         the same message (a no-op) from a *replay*: the same (request, node) arriving in
         another message, which is stored as a ``replay`` rejection. Rejections of the same
-        topic, partition and offset are stored once."""
+        topic, partition and offset are stored once. ``proofs`` are stored after the records
+        (so a proof and its result in one batch link up): see ``settlement.ledger.proofs``."""
+        ...
+
+    def proofs(self, request_id: str) -> list[dict[str, Any]]:
+        """Every proof row of ``request_id`` (one per node), as column → value."""
+        ...
+
+    def proof_counts(self) -> dict[str, int]:
+        """Proof rows per status (verified, pending, rejected)."""
         ...
 
     def count(self) -> int: ...

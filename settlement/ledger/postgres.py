@@ -84,6 +84,29 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE records ADD COLUMN origin TEXT;
     """,
+    # v4: ZKML proofs, one row per (request, node), linked to the record with the same key
+    # (no foreign key: a proof may arrive before its result; see settlement.ledger.proofs).
+    """
+    CREATE TABLE proofs (
+        request_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        model_digest TEXT NOT NULL,
+        input_hash TEXT NOT NULL,
+        output_hash TEXT NOT NULL,
+        vk_digest TEXT NOT NULL,
+        srs_label TEXT NOT NULL,
+        srs_digest TEXT NOT NULL,
+        proof_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('verified', 'pending', 'rejected')),
+        reason TEXT,
+        signed_unix_ms BIGINT NOT NULL,
+        received_unix_ms BIGINT NOT NULL,
+        origin TEXT,
+        PRIMARY KEY (request_id, node_id)
+    );
+    CREATE INDEX proofs_pending ON proofs (request_id, node_id) WHERE status = 'pending';
+    """,
 )
 """Numbered from 1; table ``schema_migrations`` lists those applied. Append, never edit."""
 

@@ -31,6 +31,12 @@ from settlement.ledger.base import (
     rejection_row,
     stored_record,
 )
+from settlement.ledger.proofs import (
+    PROOF_COLUMNS,
+    ProofEntry,
+    link_pending_proofs,
+    store_proofs,
+)
 from settlement.verify import Rejected
 
 __all__ = ["SqlLedger"]
@@ -91,6 +97,7 @@ class SqlLedger:
         accepted: Sequence[SettlementRecord],
         rejected: Sequence[RejectedInput],
         origins: Sequence[str] | None = None,
+        proofs: Sequence[ProofEntry] = (),
     ) -> int:
         now = now_ms()
         if origins is not None and len(origins) != len(accepted):
@@ -99,6 +106,9 @@ class SqlLedger:
             fresh, replays = self._split_replays(cur, accepted, origins)
             rows = [record_row(r, now, o) for r, o in fresh]
             inserted = self._insert_records(cur, rows) if rows else 0
+            if inserted:
+                link_pending_proofs(cur)
+            store_proofs(cur, self._sql, proofs, now)
             rejections = [rejection_row(item, now) for item in [*rejected, *replays]]
             if rejections:
                 cur.executemany(
@@ -167,6 +177,22 @@ class SqlLedger:
             )
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def proofs(self, request_id: str) -> list[dict[str, Any]]:
+        with self._lock, self._transaction(write=False) as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {', '.join(PROOF_COLUMNS)} FROM proofs"  # noqa: S608
+                    " WHERE request_id = ? ORDER BY node_id"
+                ),
+                (request_id,),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def proof_counts(self) -> dict[str, int]:
+        rows = self._query("SELECT status, COUNT(*) FROM proofs GROUP BY status")
+        return {status: int(n) for status, n in rows}
 
     def usage(self, payer: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE payer = ?", (payer,)) if payer is not None else ("", ())

@@ -177,11 +177,11 @@ def test_usage_per_payer_and_model(ledger: Ledger) -> None:
 
 def test_reopening_reruns_no_migration(opener: Opener) -> None:
     first = opener()
-    assert _schema_version(first) == 3
+    assert _schema_version(first) == 4
     first.store([_record()], [_rejection(1)])
     first.close()
     second = opener()
-    assert _schema_version(second) == 3
+    assert _schema_version(second) == 4
     assert second.count() == 1
     assert second.rejection_counts() == {"bad_signature": 1}
     assert second.store([_record()], []) == 0
@@ -218,7 +218,7 @@ def test_v1_ledger_is_upgraded_in_place(backend: str, location: str, opener: Ope
                 values,
             )
     ledger = opener()
-    assert _schema_version(ledger) == 3
+    assert _schema_version(ledger) == 4
     assert [r.request_id for r in ledger.unbatched(10)] == ["req-old"]
 
 

@@ -30,7 +30,7 @@ from settlement.chain import ChainSettings, SettlementChain
 from settlement.ledger import open_ledger
 from settlement.ledger.base import Ledger
 from settlement.merkle import MerkleTree, envelope_leaf
-from tests.support import fast_kafka
+from tests.support import fast_kafka, register_node
 from worker.trust.signer import Signer
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chain]
@@ -62,8 +62,11 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+SIGNERS = [Signer(bytes([i]) * 32) for i in (1, 2)]
+
+
 def _records(n: int) -> list[SettlementRecord]:
-    signers = [Signer(bytes([i]) * 32) for i in (1, 2)]
+    signers = SIGNERS
     records = []
     for i in range(n):
         signer = signers[i % 2]
@@ -142,10 +145,13 @@ async def test_sigkill_at_each_point_then_restart_loses_nothing_and_anchors_once
     tmp_path: Path,
 ) -> None:
     records = _records(N_RECORDS)
+    namespace = settlement_env["OG_SETTLEMENT_NAMESPACE"]
+    for signer in SIGNERS:
+        await register_node(broker.bootstrap, f"{namespace}.registry", signer)
     producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
     await producer.start()
     try:
-        topic = f"{settlement_env['OG_SETTLEMENT_NAMESPACE']}.settlement"
+        topic = f"{namespace}.settlement"
         for record in records:
             await producer.send(topic, encode(record), key=record.envelope.node_id.encode())
         await producer.flush()

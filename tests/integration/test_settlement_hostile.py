@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from infra.broker import BrokerProcess
 from schemas import ResultEnvelope, SettlementRecord, Topics, Usage, VerificationMode, encode
 from settlement.app import SettlementService
-from tests.support import eventually, fast_kafka
+from tests.support import eventually, fast_kafka, register_node
 from worker.trust.signer import Signer
 
 pytestmark = pytest.mark.kafka
@@ -37,6 +37,8 @@ async def test_hostile_records_rejected_with_reasons_while_valid_ones_flow(
     broker: BrokerProcess, namespace: str, running_settlement: SettlementService
 ) -> None:
     node, forger = Signer(bytes([3]) * 32), Signer(bytes([4]) * 32)
+    stranger = Signer(bytes([5]) * 32)  # signs correctly, but never registered
+    await register_node(broker.bootstrap, Topics(namespace).registry, node)
     valid = [_record(node, f"ok-{i}") for i in range(20)]
     genuine = valid[0]
     tampered = genuine.model_copy(
@@ -55,6 +57,7 @@ async def test_hostile_records_rejected_with_reasons_while_valid_ones_flow(
         encode(forged),
         encode(future),
         encode(genuine),  # a replay: the same record in a second message
+        encode(_record(stranger, "unregistered")),
     ]
     topic = Topics(namespace).settlement
     producer = AIOKafkaProducer(
@@ -71,7 +74,13 @@ async def test_hostile_records_rejected_with_reasons_while_valid_ones_flow(
 
     ledger = running_settlement.ledger
     assert ledger is not None
-    expected = {"not_decodable": 4, "bad_signature": 2, "future_timestamp": 1, "replay": 1}
+    expected = {
+        "not_decodable": 4,
+        "bad_signature": 2,
+        "future_timestamp": 1,
+        "replay": 1,
+        "unknown_node": 1,
+    }
     await eventually(lambda: ledger.rejection_counts() == expected, timeout_s=30)
     assert ledger.count() == len(valid)
     assert {row["request_id"] for r in valid for row in ledger.get(r.envelope.request_id)} == {

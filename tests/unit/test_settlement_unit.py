@@ -236,7 +236,7 @@ def test_reopening_keeps_rows_and_schema_version(ledger_path: Path) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
     finally:
         db.close()
-    assert version == 3  # v1 records + rejections, v2 Merkle batches, v3 record origins
+    assert version == 4  # v1 records + rejections, v2 Merkle batches, v3 origins, v4 proofs
 
 
 def test_get_returns_row_with_parseable_envelope(ledger: SqliteLedger) -> None:
