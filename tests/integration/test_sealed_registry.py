@@ -10,17 +10,28 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from client import InferenceClient, RegistryView, RegistryWatcher, build_request, seal_request
+from client import (
+    InferenceClient,
+    RegistryPolicy,
+    RegistryView,
+    RegistryWatcher,
+    build_request,
+    seal_request,
+)
+from client.attestation import AttestationPolicySettings, registration_check
 from client.verify import verify_result
 from infra.broker import BrokerProcess
+from schemas.base import VerificationMode
 from schemas.canonical import canonical_bytes
 from schemas.requests import ChatInput, ChatMessage, MLInput, SamplingParams, Tensor
 from schemas.results import ErrorCode, ErrorReply, InferenceResult
 from schemas.sealed import SealedInput
 from schemas.topics import Topics
+from settlement.app import SettlementService
 from tests.support import eventually, fast_kafka, read_topic
 from worker.app import Worker
 from worker.settings import WorkerSettings
+from worker.trust.attestation.settings import AttestationSettings
 
 pytestmark = pytest.mark.kafka
 
@@ -195,3 +206,71 @@ async def test_registration_is_published_before_the_worker_consumes(
         assert worker.registrar is not None and worker.registrar.published_recently()
     finally:
         await worker.close()
+
+
+async def test_settlement_rejects_records_a_stale_node_signs(
+    broker: BrokerProcess,
+    namespace: str,
+    worker_settings: WorkerSettings,
+    running_settlement: SettlementService,
+) -> None:
+    settings = worker_settings.model_copy(update={"heartbeat_interval_s": 0.5})
+    ledger = running_settlement.ledger
+    assert ledger is not None
+    x = Tensor(dtype="float32", shape=[1, 4], data=[0.5, 0.5, 0.5, 0.5])
+    async with serving(settings) as worker, _client(broker, namespace) as client:
+        fresh = await client.request(build_request("demo-mlp", MLInput(tensors={"x": x})), 30)
+        assert isinstance(fresh, InferenceResult)
+        await eventually(lambda: ledger.count() == 1, timeout_s=20)
+        assert worker.registrar is not None
+        worker.registrar.stop()  # alive and serving, but no longer heart-beating
+        await asyncio.sleep(0.5 * 3 + 1.0)
+        late = await client.request(build_request("demo-mlp", MLInput(tensors={"x": x})), 30)
+        assert isinstance(late, InferenceResult)  # the client still gets its answer
+        await eventually(lambda: ledger.rejection_counts() == {"stale_node": 1}, timeout_s=20)
+    assert ledger.count() == 1
+    assert ledger.get(fresh.request_id) and not ledger.get(late.request_id)
+
+
+async def test_tee_records_need_an_attestation_the_verifier_accepts(
+    broker: BrokerProcess,
+    namespace: str,
+    worker_settings: WorkerSettings,
+    running_settlement: SettlementService,
+) -> None:
+    settings = worker_settings.model_copy(
+        update={"attestation": AttestationSettings(provider="dev")}
+    )
+    ledger = running_settlement.ledger
+    assert ledger is not None
+    x = Tensor(dtype="float32", shape=[1, 4], data=[0.5, 0.5, 0.5, 0.5])
+    async with serving(settings) as worker, _client(broker, namespace) as client:
+        assert worker.registrar is not None
+        registration = worker.registrar.registration
+        assert registration.attestation is not None and registration.attestation.kind == "dev"
+        assert VerificationMode.TEE in registration.models[0].modes
+        tee = build_request("demo-mlp", MLInput(tensors={"x": x}), mode=VerificationMode.TEE)
+        reply = await client.request(tee, 30)
+        assert isinstance(reply, InferenceResult) and reply.envelope.mode is VerificationMode.TEE
+        plain = await client.request(build_request("demo-mlp", MLInput(tensors={"x": x})), 30)
+        assert isinstance(plain, InferenceResult)
+        # Settlement's default policy refuses development evidence: the TEE record is
+        # rejected, the VANILLA one from the same node is booked.
+        await eventually(
+            lambda: ledger.rejection_counts() == {"unattested_node": 1} and ledger.count() == 1,
+            timeout_s=20,
+        )
+        assert ledger.get(plain.request_id)
+        # A verifier that allows development evidence accepts the same node for TEE.
+        lax = AttestationPolicySettings(allow_dev=True).policy()
+        view = RegistryView(RegistryPolicy(attestation_check=registration_check(lax)))
+        watcher = RegistryWatcher(fast_kafka(broker.bootstrap), Topics(namespace).registry, view)
+        await watcher.start()
+        try:
+            node_id = worker.signer.node_id
+            assert (
+                view.check_record(node_id, reply.envelope.signed_unix_ms, VerificationMode.TEE)
+                is None
+            )
+        finally:
+            await watcher.stop()

@@ -62,10 +62,7 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 
 # Settings the manifests already set for the composition-root wiring of health, metrics and
 # tracing (reported with this change); drop names from here once the settings exist.
-PENDING_SETTINGS = {
-    "OG_SETTLEMENT_METRICS_PORT",
-    "OG_SETTLEMENT_METRICS_HOST",
-}
+PENDING_SETTINGS: set[str] = set()
 
 
 def _env_names(cls: type[BaseModel], prefix: str) -> set[str]:
