@@ -6,8 +6,11 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from schemas.proofs import ProofRecord
+from schemas.registry import RegistrationRecord, RevocationRecord
 from schemas.requests import InferenceRequest
 from schemas.results import Reply
+from schemas.sealed import SealedPlaintext
 from schemas.settlement import SettlementRecord
 
 __all__ = ["all_schemas"]
@@ -19,4 +22,8 @@ def all_schemas() -> dict[str, dict[str, Any]]:
         "InferenceRequest": InferenceRequest.model_json_schema(),
         "Reply": TypeAdapter(Reply).json_schema(),
         "SettlementRecord": SettlementRecord.model_json_schema(),
+        "ProofRecord": ProofRecord.model_json_schema(),
+        "RegistrationRecord": RegistrationRecord.model_json_schema(),
+        "RevocationRecord": RevocationRecord.model_json_schema(),
+        "SealedPlaintext": SealedPlaintext.model_json_schema(),
     }

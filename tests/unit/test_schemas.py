@@ -394,9 +394,17 @@ def test_decode_works_for_every_message_type() -> None:
 # --- JSON Schema ----------------------------------------------------------------------------
 
 
-def test_all_schemas_names_the_three_messages() -> None:
+def test_all_schemas_names_every_message() -> None:
     found = all_schemas()
-    assert set(found) == {"InferenceRequest", "Reply", "SettlementRecord"}
+    assert set(found) == {
+        "InferenceRequest",
+        "Reply",
+        "SettlementRecord",
+        "ProofRecord",
+        "RegistrationRecord",
+        "RevocationRecord",
+        "SealedPlaintext",
+    }
     for name, schema in found.items():
         assert isinstance(schema, dict), name
         assert {"properties", "$defs", "oneOf", "discriminator"} & schema.keys(), name
