@@ -9,7 +9,7 @@ DEMO := var/demo
 # Some machines' pip config names index directories that do not exist; hide that noise only.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test lint typecheck bench down lock clean
+.PHONY: install demo test lint typecheck bench chaos down lock clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: install
 	  echo "== $$model: offline verification =="; \
 	  $(NODE) verify $(DEMO)/$$model.reply.json --request $(DEMO)/$$model.request.json || exit 1; \
 	done
+	@echo "== demo-lm: sealed request (only the worker can read it), opened and verified =="
+	@$(NODE) request --model demo-lm --example --sealed --save-request $(DEMO)/sealed.request.json \
+	  > $(DEMO)/sealed.reply.json || exit 1; \
+	cat $(DEMO)/sealed.reply.json; \
+	$(NODE) verify $(DEMO)/sealed.reply.json --request $(DEMO)/sealed.request.json | tail -n 1
 	@echo "== settlement ledger =="
 	@sleep 1; $(NODE) settlement status
 	@echo "== demo-lm: inclusion proof, checked against the chain =="
@@ -55,6 +60,16 @@ test: install lint typecheck
 bench: install
 	$(BIN)/python -m bench.intake
 	$(BIN)/python -m bench.settlement
+	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.models
+	$(BIN)/python -m bench.attestation
+	$(BIN)/python -m bench.zkml --json bench/zkml.json
+	$(BIN)/python -m bench.report
+
+# Fault harness (~3-5 min): SIGKILL loops, broker faults, hostile corpus; writes bench/chaos.json
+# and the chaos table in BENCHMARKS.md.
+chaos: install
+	$(BIN)/python -m bench.chaos
 
 down:
 	$(NODE) stack down

@@ -70,6 +70,15 @@ async def replay_dlq(
             if offsets is not None and message.offset not in offsets:
                 continue
             entry = json.loads(message.value)
+            if entry.get("sealed_payload_hex") is None:
+                replayed.append(
+                    {
+                        "dlq_offset": message.offset,
+                        "replayed": False,
+                        "why": "original too large to copy; read it at its original offset",
+                    }
+                )
+                continue
             try:
                 original = box.decrypt(bytes.fromhex(entry["sealed_payload_hex"]))
             except (CryptoError, ValueError):

@@ -77,7 +77,9 @@ def _prepare(value: Any) -> Any:
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            if not isinstance(key, str) or any(ord(c) > 0xFFFF for c in key):
+            if not isinstance(key, str) or (
+                not key.isascii() and any(ord(c) > 0xFFFF for c in key)
+            ):
                 raise _NeedsReference
             out[key] = _prepare(item)
         return out

@@ -144,7 +144,9 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
         return Undecodable(f"JSON nested deeper than {limits.MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8, bad JSON and Python's refusal of integers longer
+        # than 4,300 digits (a plain ValueError, not a JSONDecodeError).
         return Undecodable("not UTF-8 JSON")
     if not isinstance(obj, dict):
         return Undecodable(f"JSON {type(obj).__name__} where an object was expected")

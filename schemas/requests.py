@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StrictBool, StringConstraints, model_validator
 
 from schemas import limits
 from schemas.base import ModelName, RequestId, TopicName, UnixMs, VerificationMode, WireModel
@@ -280,7 +280,7 @@ class InferenceRequest(WireModel):
     created_unix_ms: UnixMs
     deadline_unix_ms: UnixMs | None = None
     payer: RequestId | None = None
-    stream: bool = False
+    stream: StrictBool = False
     """Send ``StreamChunk`` messages while generating (chat models), then the final result."""
     payload: Payload
 

@@ -30,6 +30,7 @@ from worker.pipeline import Outcome
 __all__ = ["Publisher"]
 
 Headers = list[tuple[str, bytes]]
+MAX_DLQ_COPY_BYTES = 400_000
 
 
 def _trace_headers(headers: Sequence[tuple[str, bytes]]) -> Headers:
@@ -120,6 +121,10 @@ class Publisher:
         the operator can open and replay the entry.
         """
         body = raw or b""
+        # The sealed copy is hex (twice the size): copying a message near the 1 MB limit would
+        # make the DLQ entry itself too large to produce. Such entries keep the hash and the
+        # original's coordinates; the original stays on its topic (within retention).
+        copied = len(body) <= MAX_DLQ_COPY_BYTES
         entry = {
             "schema_version": SCHEMA_VERSION,
             "type": "dlq_entry",
@@ -130,7 +135,7 @@ class Publisher:
             "attempts": attempts,
             "size_bytes": len(body),
             "sha256": hashlib.sha256(body).hexdigest(),
-            "sealed_payload_hex": self._dlq_box.encrypt(body).hex(),
+            "sealed_payload_hex": self._dlq_box.encrypt(body).hex() if copied else None,
             "dead_lettered_unix_ms": time.time_ns() // 1_000_000,
         }
         headers = [

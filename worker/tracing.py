@@ -22,8 +22,8 @@ composition root owns the provider and shuts it down.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +41,10 @@ __all__ = [
     "configure_tracing",
     "trace_fields",
 ]
+
+# Trace ids must be unique, not secret (W3C trace context): a seeded PRNG costs a fraction of
+# ``secrets`` per request. An all-zero id is invalid, and 2^-128 is not worth a branch.
+_ids = random.Random()  # noqa: S311 (ids, not secrets)
 
 OTEL_HINT = "install the otel extra: pip install 'verifiable-inference-node[otel]'"
 OTLP_HINT = (
@@ -92,11 +96,11 @@ class TraceContext:
 
     @classmethod
     def new(cls) -> TraceContext:
-        return cls(secrets.token_hex(16), secrets.token_hex(8))
+        return cls(f"{_ids.getrandbits(128):032x}", f"{_ids.getrandbits(64):016x}")
 
     def child(self) -> TraceContext:
         """A new span of the same trace."""
-        return TraceContext(self.trace_id, secrets.token_hex(8), self.sampled)
+        return TraceContext(self.trace_id, f"{_ids.getrandbits(64):016x}", self.sampled)
 
 
 def _incoming(headers: Sequence[tuple[str, bytes]]) -> TraceContext | None:

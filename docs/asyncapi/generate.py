@@ -237,7 +237,10 @@ DEAD_LETTER_ENTRY: dict[str, Any] = {
         "attempts": {"type": "integer", "minimum": 1},
         "size_bytes": {"type": "integer", "minimum": 0},
         "sha256": {**_HEX32, "description": "sha256 of the original bytes."},
-        "sealed_payload_hex": {"type": "string", "pattern": "^([0-9a-f]{2})*$"},
+        "sealed_payload_hex": {
+            "oneOf": [{"type": "string", "pattern": "^([0-9a-f]{2})*$"}, {"type": "null"}],
+            "description": "null when the original exceeds 400,000 bytes (see PROTOCOL.md)",
+        },
         "dead_lettered_unix_ms": {"type": "integer", "minimum": 0},
     },
 }

@@ -1,0 +1,305 @@
+"""Fault harness (``make chaos``): process kills, broker faults and hostile input, while traffic
+flows; afterwards, per scenario, what was sent, answered, lost, delivered twice, dead-lettered,
+rejected by settlement, and how many processes crashed.
+
+Scenarios (``--only`` picks some):
+
+- ``workers``: two ``inference-node worker`` processes; one that owns partitions is SIGKILLed
+  and restarted every few seconds (jittered) while a paced stream of requests arrives
+  (``bench.chaos_kill``). Duplicates appear only when a kill lands between an answer and the
+  commit covering it (commits run every 100 ms), so their number varies run to run.
+- ``settlement``: ``inference-node settlement run`` (SQLite ledger) SIGKILLed and restarted
+  every few seconds, every third instance armed to die between ledger write and offset commit,
+  while a worker publishes records; afterwards every record must be in the ledger exactly once.
+- ``broker``: librdkafka's mock cluster with a broker down and up, partition leaders moving,
+  and injected request errors, against an in-process worker (``bench.chaos_broker``).
+- ``corpus``: ``bench.corpus`` (malformed and hostile messages) sent to a worker's request
+  topic and to the settlement topic, each classified against the outcome it is owed. The
+  worker and settlement processes are restarted when they crash, as an orchestrator would, up
+  to three times each: a message that crashes a service on every redelivery shows up as
+  crashes and lost (or duplicated) answers.
+
+Writes ``bench/chaos.json`` and the table between the chaos markers of ``BENCHMARKS.md``.
+Targets: lost = 0 and crashes = 0 in every scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.chaos_broker import FAULTS, broker_fault
+from bench.chaos_kill import settlement_kill_loop, worker_kill_loop
+from bench.chaos_support import (
+    MODEL,
+    Child,
+    Row,
+    crash_notes,
+    fast_kafka,
+    new_namespace,
+    settlement_env,
+    start_all,
+    supervise,
+    worker_env,
+)
+from bench.corpus import CANARY, CorpusContext, hostile_corpus
+from bench.outcomes import TopicTap, classify_requests, classify_settlement, send_corpus
+from bench.report import CHAOS_END, CHAOS_START, replace_section
+from infra.broker import running_broker
+from worker.models.demo import build_demo_hub
+from worker.trust.keys import load_or_create_seed
+from worker.trust.sealing import NodeSealer
+
+HERE = Path(__file__).resolve().parent
+OUTPUT = HERE / "chaos.json"
+MARKDOWN = HERE.parent / "BENCHMARKS.md"
+SCENARIOS = ("workers", "settlement", "broker", "corpus")
+COLUMNS = [
+    "scenario",
+    "sent",
+    "answered",
+    "lost",
+    "duplicates delivered",
+    "DLQ'd",
+    "rejected by settlement",
+    "process crashes",
+]
+
+
+async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: float) -> Row:
+    topics = await new_namespace(bootstrap, "cc")
+    kafka = fast_kafka(bootstrap)
+    run = work / topics.namespace
+    state, ledger = run / "node", run / "ledger.sqlite3"
+    worker = Child("worker", "worker", worker_env(bootstrap, topics, hub, state), run)
+    settlement = Child("settlement", "settlement", settlement_env(bootstrap, topics, ledger), run)
+    started = time.monotonic()
+    await start_all([worker, settlement])
+    keys = state / "keys"
+    ctx = CorpusContext(
+        topics,
+        NodeSealer(load_or_create_seed(keys / "node_x25519.key")).public_key_hex,
+        model=MODEL,
+        node_seed=load_or_create_seed(keys / "node_ed25519.key"),
+    )
+    cases = hostile_corpus(ctx)
+    async with TopicTap(kafka, topics.replies) as replies, TopicTap(kafka, topics.dlq) as dlq:
+        supervisor = asyncio.create_task(supervise([worker, settlement], max_restarts=3))
+        try:
+            sent = await send_corpus(kafka, topics, MODEL, cases)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                requests, leaks = classify_requests(sent, replies.messages, dlq.messages)
+                records = classify_settlement(ledger, sent)
+                if not any(o.lost for o in requests + records):
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)  # late duplicates
+            requests, leaks = classify_requests(sent, replies.messages, dlq.messages)
+            records = classify_settlement(ledger, sent)
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            for child in (worker, settlement):
+                await child.terminate(20)
+    observed = requests + records
+    logs = [p for p in run.glob("*.log") if CANARY.encode() in p.read_bytes()]
+    return Row(
+        "hostile corpus (worker + settlement)",
+        sent=len(cases),
+        answered=sum(o.observed.startswith(("error:", "result", "stored")) for o in observed),
+        lost=sum(o.lost for o in observed),
+        duplicates=sum(o.answers > 1 for o in observed),
+        dlq=sum(o.observed.startswith("dlq:") for o in observed),
+        rejected=sum(o.observed.startswith("rejected:") for o in observed),
+        crashes=len(worker.crashes) + len(settlement.crashes),
+        notes={
+            "request_cases": len(requests),
+            "settlement_cases": len(records),
+            "mismatches": [
+                {"case": o.name, "expected": o.expected, "observed": o.observed}
+                for o in observed
+                if o.observed != o.expected and not o.lost
+            ],
+            "lost_cases": [o.name for o in observed if o.lost],
+            "dlq_entries_with_canary_in_clear": leaks,
+            "logs_with_canary": [p.name for p in logs],
+            "crash_details": crash_notes([worker, settlement]),
+            "cases": [dataclasses.asdict(o) for o in observed],
+            "wall_s": round(time.monotonic() - started, 1),
+        },
+    )
+
+
+async def main_async(args: argparse.Namespace) -> list[Row]:
+    work = Path(tempfile.mkdtemp(prefix="og-chaos-"))
+    try:
+        return await _scenarios(args, work)
+    finally:
+        if args.keep_work:
+            print(f"logs and ledgers kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
+    hub = work / "hub"
+    await asyncio.to_thread(build_demo_hub, hub)
+    rows: list[Row] = []
+
+    def done(row: Row) -> None:
+        rows.append(row)
+        print(f"  {row.scenario}: {_cells(row)[1:]}", flush=True)
+
+    with running_broker(log_dir=work) as broker:
+        b = broker.bootstrap
+        if "workers" in args.only:
+            done(
+                await worker_kill_loop(
+                    b,
+                    hub,
+                    work,
+                    requests=args.worker_requests,
+                    rate_per_s=args.worker_rate,
+                    kill_every_s=args.worker_kill_every_s,
+                )
+            )
+        if "settlement" in args.only:
+            done(
+                await settlement_kill_loop(
+                    b,
+                    hub,
+                    work,
+                    requests=args.settlement_requests,
+                    rate_per_s=args.settlement_rate,
+                    kill_every_s=args.settlement_kill_every_s,
+                )
+            )
+        if "corpus" in args.only:
+            done(await corpus_scenario(b, hub, work, timeout_s=args.corpus_timeout_s))
+    if "broker" in args.only:
+        for name in FAULTS:
+            done(
+                await broker_fault(
+                    name, hub, work, requests=args.broker_requests, rate_per_s=args.broker_rate
+                )
+            )
+    return rows
+
+
+def _cells(row: Row) -> list[str]:
+    return [
+        row.scenario,
+        *(
+            str(v)
+            for v in (
+                row.sent,
+                row.answered,
+                row.lost,
+                row.duplicates,
+                row.dlq,
+                row.rejected,
+                row.crashes,
+            )
+        ),
+    ]
+
+
+def _causes(crash: dict[str, Any]) -> str:
+    """Error types named in a crashed process's last log lines (never their messages)."""
+    text = "\n".join(crash.get("log_tail", []))
+    found = re.findall(r'"error(?:_type)?": "(\w+)"', text)
+    found += re.findall(r"^(\w+(?:Error|Exception))\b", text, flags=re.MULTILINE)
+    return ", ".join(dict.fromkeys(found)) or "see its log"
+
+
+def markdown(rows: list[Row], runtime_s: float) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lost, crashes = sum(r.lost for r in rows), sum(r.crashes for r in rows)
+    verdict = "met" if lost == 0 and crashes == 0 else "NOT met"
+    out = [
+        *lines,
+        "",
+        f"Target lost = 0 and process crashes = 0: **{verdict}** (lost {lost}, crashes "
+        f"{crashes}). Run time {runtime_s:.0f} s.",
+        "",
+        "Answered: a terminal reply (result or typed error) for request-shaped messages, a "
+        "ledger row for settlement records. Duplicates delivered: request ids (or records) "
+        "with more than one terminal reply (or ledger row); after a SIGKILL the redelivered "
+        "window is answered again by design, with the same request id.",
+    ]
+    for row in rows:
+        mismatches = row.notes.get("mismatches")
+        if mismatches:
+            out.append("")
+            out.append(f"Outcome differs from the corpus' expectation ({row.scenario}):")
+            out += [
+                f"- `{m['case']}`: expected {m['expected']}, got {m['observed']}"
+                for m in mismatches
+            ]
+        details = row.notes.get("crash_details") or []
+        if details and isinstance(details[0], dict):
+            out.append("")
+            out.append(f"Crashes ({row.scenario}):")
+            out += [f"- {c['process']} exit {c['status']}: {_causes(c)}" for c in details]
+        if row.notes.get("lost_cases"):
+            out.append("")
+            out.append(
+                f"Lost ({row.scenario}): " + ", ".join(f"`{n}`" for n in row.notes["lost_cases"])
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--worker-requests", type=int, default=2000)
+    parser.add_argument("--worker-rate", type=float, default=100.0, help="requests/s")
+    parser.add_argument("--worker-kill-every-s", type=float, default=3.0)
+    parser.add_argument("--settlement-requests", type=int, default=1200)
+    parser.add_argument("--settlement-rate", type=float, default=60.0, help="requests/s")
+    parser.add_argument("--settlement-kill-every-s", type=float, default=4.0)
+    parser.add_argument("--broker-requests", type=int, default=400)
+    parser.add_argument("--broker-rate", type=float, default=60.0, help="requests/s")
+    parser.add_argument("--corpus-timeout-s", type=float, default=40.0)
+    parser.add_argument("--keep-work", action="store_true", help="keep logs and ledgers")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--markdown", type=Path, default=MARKDOWN)
+    args = parser.parse_args()
+    # Faults are the point here: aiokafka's retry warnings would drown the table.
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    started = time.monotonic()
+    rows = asyncio.run(main_async(args))
+    runtime_s = time.monotonic() - started
+    table = markdown(rows, runtime_s)
+    result: dict[str, Any] = {
+        "generated_unix_s": int(time.time()),
+        "runtime_s": round(runtime_s, 1),
+        "params": {
+            k: v for k, v in vars(args).items() if k not in {"output", "markdown", "keep_work"}
+        },
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    replace_section(args.markdown, CHAOS_START, CHAOS_END, table)
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

