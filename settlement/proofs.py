@@ -31,10 +31,8 @@ verification, so the service runs the SNARK checks of a batch in a child process
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -42,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.processes import run_python_module
 from schemas.canonical import sha256_hex
 from schemas.codec import Decoded, decode
 from schemas.proofs import (
@@ -70,7 +69,6 @@ __all__ = [
 ]
 
 _INSTALL_HINT = "pip install 'verifiable-inference-node[zk]'"
-_IMPORT_ROOT = str(Path(__file__).resolve().parents[1])  # the directory holding settlement/
 
 
 @dataclass(frozen=True)
@@ -288,28 +286,12 @@ async def verify_snarks(checked: Sequence[ProofChecked], *, timeout_s: float) ->
             jobs.append([str(proof_path), str(c.settings_path), str(c.vk_path), str(c.srs_path)])
         jobs_path, results_path = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         await asyncio.to_thread(jobs_path.write_text, json.dumps(jobs))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "settlement.proofs",
-            str(jobs_path),
-            str(results_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=env,
-        )
         try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except BaseException as e:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(proc.wait())
-            if isinstance(e, TimeoutError):
-                return None
-            raise
+            await run_python_module(
+                "settlement.proofs", [str(jobs_path), str(results_path)], timeout_s=timeout_s
+            )
+        except TimeoutError:
+            return None
         try:
             results = json.loads(await asyncio.to_thread(results_path.read_bytes))
         except (OSError, ValueError):

@@ -18,16 +18,15 @@ category, never as text that could quote request tensors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ChildFailed", "ChildTimeout", "run_child"]
+from infra.processes import run_python_module
 
-_IMPORT_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding worker/
+__all__ = ["ChildFailed", "ChildTimeout", "run_child"]
 
 
 class ChildFailed(Exception):
@@ -51,33 +50,18 @@ async def run_child(
     job_path, result_path = scratch / "job.json", scratch / "result.json"
     await asyncio.to_thread(job_path.write_text, json.dumps({**job, "niceness": niceness}))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH")) if p)
     if threads is not None:
         env["RAYON_NUM_THREADS"] = str(threads)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker.zkml.child",
-        str(job_path),
-        str(result_path),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env=env,
-    )
     try:
-        await asyncio.wait_for(proc.wait(), timeout_s)
-    except BaseException as e:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await asyncio.shield(proc.wait())
-        if isinstance(e, TimeoutError):
-            raise ChildTimeout(f"{job['kind']} ran past {timeout_s} s") from None
-        raise
+        status = await run_python_module(
+            "worker.zkml.child", [str(job_path), str(result_path)], timeout_s=timeout_s, env=env
+        )
+    except TimeoutError:
+        raise ChildTimeout(f"{job['kind']} ran past {timeout_s} s") from None
     try:
         result: dict[str, Any] = json.loads(await asyncio.to_thread(result_path.read_bytes))
     except (OSError, ValueError):
-        raise ChildFailed(f"{job['kind']} exited {proc.returncode} without a result") from None
+        raise ChildFailed(f"{job['kind']} exited {status} without a result") from None
     return result
 
 
