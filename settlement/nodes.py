@@ -10,7 +10,6 @@ service waits up to ``unknown_node_wait_s`` for the view to move.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,8 +21,6 @@ from schemas.base import VerificationMode
 from schemas.registry import NodeRegistration
 
 __all__ = ["NodeRegistry", "RegistrySettings"]
-
-log = logging.getLogger(__name__)
 
 
 class RegistrySettings(BaseModel):
