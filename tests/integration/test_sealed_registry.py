@@ -7,8 +7,10 @@ import base64
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from client import (
     InferenceClient,
@@ -194,15 +196,28 @@ async def test_a_node_that_stops_heartbeating_drops_out(
 
 
 async def test_registration_is_published_before_the_worker_consumes(
-    broker: BrokerProcess, namespace: str, worker_settings: WorkerSettings
+    broker: BrokerProcess,
+    namespace: str,
+    worker_settings: WorkerSettings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     topics = Topics(namespace)
+    seen_at_consumer_start: list[bytes | None] = []
+    original_start = AIOKafkaConsumer.start
+
+    async def start(self: Any) -> None:
+        # What the registry holds at the moment the request consumer starts (read_topic's
+        # own consumer is started unpatched).
+        monkeypatch.setattr(AIOKafkaConsumer, "start", original_start)
+        records = await read_topic(broker.bootstrap, topics.registry, idle_s=0.3)
+        seen_at_consumer_start.extend(r.key for r in records)
+        await original_start(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", start)
     worker = Worker(worker_settings)
     await worker.setup()
     try:
-        records = await read_topic(broker.bootstrap, topics.registry, idle_s=0.3)
-        assert [r.key for r in records] == [worker.signer.node_id.encode()]
-        assert worker._consumer is not None
+        assert seen_at_consumer_start == [worker.signer.node_id.encode()]
         assert worker.registrar is not None and worker.registrar.published_recently()
     finally:
         await worker.close()
