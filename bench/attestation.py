@@ -1,9 +1,9 @@
 """Signing and attestation verification costs: ``python -m bench.attestation [--n N]``.
 
-- ed25519 sign and verify rates for result envelopes (``worker.trust.signer.Signer``,
+- ed25519 sign and verify rates for result envelopes (``schemas.signing.Signer``,
   ``schemas.signing.verify_envelope_signature``), including the canonical encoding and hashing
   each one does;
-- the time to verify one attestation record end to end (``client.attestation
+- the time to verify one attestation record end to end (``schemas.verify.attestation
   .verify_attestation``: base64, parsing, the vendor chain, policy) for the real TDX v4 and v5
   quotes with their collateral, the real SEV-SNP report with AMD's chain, the real AWS Nitro
   document, and a development attestation. Each sample is verified at a time inside its
@@ -23,18 +23,17 @@ from pathlib import Path
 
 import dcap_qvl
 
-from client.attestation import (
+from schemas.attestation import Attestation, encode_b64
+from schemas.base import VerificationMode
+from schemas.results import ResultEnvelope, Usage
+from schemas.signing import Signer, verify_envelope_signature
+from schemas.verify.attestation import (
     AttestationPolicy,
     parse_nitro_document,
     verify_attestation,
     verify_nitro_document,
 )
-from schemas.attestation import Attestation, encode_b64
-from schemas.base import VerificationMode
-from schemas.results import ResultEnvelope, Usage
-from schemas.signing import verify_envelope_signature
 from worker.trust.attestation import DevProvider
-from worker.trust.signer import Signer
 
 DATA = Path(__file__).parents[1] / "tests" / "data" / "attestation"
 

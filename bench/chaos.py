@@ -13,7 +13,7 @@ Scenarios (``--only`` picks some):
   while a worker publishes records; afterwards every record must be in the ledger exactly once.
 - ``broker``: librdkafka's mock cluster with a broker down and up, partition leaders moving,
   and injected request errors, against an in-process worker (``bench.chaos_broker``).
-- ``corpus``: ``bench.corpus`` (malformed and hostile messages) sent to a worker's request
+- ``corpus``: ``tests.harness.corpus`` (malformed and hostile messages) sent to a worker's request
   topic and to the settlement topic, each classified against the outcome it is owed. The
   worker and settlement processes are restarted when they crash, as an orchestrator would, up
   to three times each: a message that crashes a service on every redelivery shows up as
@@ -52,13 +52,13 @@ from bench.chaos_support import (
     supervise,
     worker_env,
 )
-from bench.corpus import CANARY, CorpusContext, hostile_corpus
-from bench.outcomes import TopicTap, classify_requests, classify_settlement, send_corpus
 from bench.report import CHAOS_END, CHAOS_START, replace_section
-from infra.broker import running_broker
-from worker.models.demo import build_demo_hub
+from infra.dev.broker import running_broker
+from infra.dev.demo_models import build_demo_hub
+from schemas.sealing import NodeSealer
+from tests.harness.corpus import CANARY, CorpusContext, hostile_corpus
+from tests.harness.outcomes import TopicTap, classify_requests, classify_settlement, send_corpus
 from worker.trust.keys import load_or_create_seed
-from worker.trust.sealing import NodeSealer
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "chaos.json"

@@ -1,4 +1,4 @@
-"""Broker faults on librdkafka's mock cluster (``infra.mock_cluster``) while requests flow.
+"""Broker faults on librdkafka's mock cluster (``tests.harness.mock_cluster``) while requests flow.
 
 An in-process worker (the mock serves one consumer per group, see FIELD-NOTES) answers a paced
 stream of requests on a 3-broker mock cluster while one kind of fault hits it. Each fault
@@ -21,10 +21,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.chaos_support import MODEL, Row, produce_paced, requests_for
-from bench.outcomes import TopicTap, terminal_replies
 from infra.kafka import KafkaSettings
-from infra.mock_cluster import ApiKey, ErrorCode, MockCluster
 from schemas import Topics
+from tests.harness.mock_cluster import ApiKey, ErrorCode, MockCluster
+from tests.harness.outcomes import TopicTap, terminal_replies
 from worker.app import Worker
 from worker.settings import WorkerSettings
 

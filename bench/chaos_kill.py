@@ -30,7 +30,7 @@ from bench.chaos_support import (
     supervise,
     worker_env,
 )
-from bench.outcomes import TopicTap, read_all, terminal_replies
+from tests.harness.outcomes import TopicTap, read_all, terminal_replies
 
 __all__ = ["settlement_kill_loop", "worker_kill_loop"]
 

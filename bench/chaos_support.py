@@ -26,10 +26,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from client import build_request
+from infra.dev.processes import log_tail, spawn
 from infra.kafka import KafkaSettings
-from infra.processes import log_tail, spawn
-from infra.topics import ensure_topics, standard_topics
+from infra.kafka.admin import ensure_topics
 from schemas import InferenceRequest, MLInput, Tensor, Topics, encode
+from schemas.topics import standard_topics
 
 __all__ = [
     "Child",
@@ -130,7 +131,7 @@ class Child:
     """``inference-node worker`` or ``inference-node settlement run`` under a stable name.
 
     Each ``start`` is a new process with the same environment (so the same key dir or
-    ledger); it dies with the harness (``infra.processes.spawn``, PDEATHSIG).
+    ledger); it dies with the harness (``infra.dev.processes.spawn``, PDEATHSIG).
     """
 
     def __init__(

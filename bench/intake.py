@@ -29,12 +29,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from client import build_request
-from infra.broker import running_broker
+from infra.dev.broker import running_broker
+from infra.dev.demo_models import add_fixed_latency_model, build_demo_hub
 from infra.kafka import KafkaSettings
-from infra.topics import ensure_topics, standard_topics
+from infra.kafka.admin import ensure_topics
 from schemas import MLInput, Tensor, Topics, encode
+from schemas.topics import standard_topics
 from worker.app import Worker, tune_gc
-from worker.models.demo import add_fixed_latency_model, build_demo_hub
 from worker.settings import WorkerSettings
 
 RESULTS = Path(__file__).with_name("results.json")

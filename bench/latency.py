@@ -56,10 +56,10 @@ from bench.chaos_support import (
     worker_env,
 )
 from bench.intake import table
-from bench.outcomes import read_all
-from infra.broker import running_broker
+from infra.dev.broker import running_broker
+from infra.dev.demo_models import build_demo_hub
 from schemas import Topics, encode
-from worker.models.demo import build_demo_hub
+from tests.harness.outcomes import read_all
 
 RESULTS = Path(__file__).with_name("results.json")
 TARGET_P50_MS = 5.0

@@ -42,8 +42,8 @@ def _child(fmt: str, hub: Path, cache_dir: Path) -> dict[str, float]:
         __import__("torch")
     t1 = time.perf_counter()
     from worker.engines import load_engine
-    from worker.models.cache import ModelCache
-    from worker.models.local_hub import LocalHub
+    from worker.modelstore.cache import ModelCache
+    from worker.modelstore.local_hub import LocalHub
 
     hub_ = LocalHub(hub)
     ref = hub_.resolve(_FORMATS[fmt])
@@ -108,8 +108,8 @@ def _median(samples: list[dict[str, float]]) -> dict[str, float]:
 
 async def bench_onnx_engine(hub: Path, work: Path, seconds: float) -> dict[str, float]:
     from worker.engines import load_engine
-    from worker.models.cache import ModelCache
-    from worker.models.local_hub import LocalHub
+    from worker.modelstore.cache import ModelCache
+    from worker.modelstore.local_hub import LocalHub
 
     hub_ = LocalHub(hub)
     ref = hub_.resolve("demo-mlp")
@@ -156,7 +156,7 @@ async def bench_onnx_engine(hub: Path, work: Path, seconds: float) -> dict[str, 
 
 async def bench_onnx_worker(hub: Path, work: Path, n: int) -> float:
     from bench.intake import run_worker
-    from infra.broker import running_broker
+    from infra.dev.broker import running_broker
 
     with running_broker(log_dir=work / "broker") as broker:
         rate, _, _ = await run_worker(broker.bootstrap, hub, "demo-mlp", n, 4, 64, work)
@@ -199,7 +199,7 @@ def main() -> None:
         print(json.dumps(_child(fmt, Path(hub), Path(cache))))
         return
 
-    from worker.models.demo import build_demo_hub
+    from infra.dev.demo_models import build_demo_hub
 
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         work = Path(tmp)

@@ -45,21 +45,21 @@ from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from pydantic import SecretStr
 
 from bench.intake import table
-from infra.broker import running_broker
-from infra.chain import DEV_ACCOUNTS, dev_private_key, running_anvil
+from infra.dev.anvil import DEV_ACCOUNTS, dev_private_key, running_anvil
+from infra.dev.broker import running_broker
 from infra.kafka import KafkaSettings
-from infra.topics import ensure_topics, standard_topics
+from infra.kafka.admin import ensure_topics
 from schemas import ResultEnvelope, SettlementRecord, Usage, VerificationMode, encode
+from schemas.merkle import MerkleTree, envelope_leaf
 from schemas.registry import RegisteredModel
-from schemas.topics import Topics
+from schemas.signing import Signer
+from schemas.topics import Topics, standard_topics
+from schemas.verify.record import Verified, verify_record
 from settlement.app import SettlementService
 from settlement.chain import ChainSettings, SettlementChain
 from settlement.ledger import open_ledger
-from settlement.merkle import MerkleTree, envelope_leaf
 from settlement.settings import SettlementSettings
-from settlement.verify import Verified, verify_record
 from worker.registration import Registrar
-from worker.trust.signer import Signer
 
 RESULTS = Path(__file__).with_name("results.json")
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"

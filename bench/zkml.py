@@ -27,16 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infra.dev.demo_models import build_demo_hub
 from schemas.base import VerificationMode
 from schemas.codec import encode
 from schemas.proofs import ProofRecord, proof_bytes
 from schemas.requests import MLInput, Tensor, input_hash
 from schemas.results import MLOutput, ResultEnvelope, Usage, output_hash
+from schemas.signing import Signer
 from settlement.proofs import ProofVerified, VkStore, verify_proof_record
-from worker.models.demo import build_demo_hub
-from worker.models.local_hub import LocalHub
-from worker.models.refs import ModelFormat
-from worker.trust.signer import Signer
+from worker.modelstore.local_hub import LocalHub
+from worker.modelstore.refs import ModelFormat
 from worker.zkml import CircuitOptions, DevSrs, ZkSettings, export_verifier, prepare_circuit
 from worker.zkml.artifacts import PreparedCircuit, load_ezkl
 from worker.zkml.prover import ProofJob, ProofOutcome, ProofQueue

@@ -17,19 +17,20 @@ import contextlib
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
 from pydantic import TypeAdapter
 
-from client.registry import RegistryView, RegistryWatcher
-from client.sealing import SealedRequest, seal_request
-from infra.kafka import KafkaSettings
+from infra.kafka.client import ClusterKafka
+from infra.kafka.ports import Kafka, TopicPartition
+from infra.kafka.reader import TopicReader
+from infra.kafka.settings import KafkaSettings
 from schemas.codec import encode
 from schemas.registry import NodeRegistration
 from schemas.requests import InferenceRequest
 from schemas.results import ErrorReply, InferenceResult, Reply, SealedResult, StreamChunk
+from schemas.sealing import SealedRequest, seal_request
 from schemas.topics import HEADER_SCHEMA_VERSION, Topics
+from schemas.verify.registry import RegistryView
 from schemas.version import SCHEMA_VERSION
 
 __all__ = ["ChunkCallback", "InferenceClient", "NoActiveNodes", "ReplyTimeout"]
@@ -52,17 +53,21 @@ class ReplyTimeout(TimeoutError):
 
 class InferenceClient:
     def __init__(
-        self, kafka: KafkaSettings, topics: Topics | None = None, reply_to: str | None = None
+        self,
+        kafka: KafkaSettings | Kafka,
+        topics: Topics | None = None,
+        reply_to: str | None = None,
     ) -> None:
-        self._kafka = kafka
+        self._kafka: Kafka = ClusterKafka(kafka) if isinstance(kafka, KafkaSettings) else kafka
         self.topics = topics or Topics()
         self.reply_to = reply_to or self.topics.replies
-        self._producer = AIOKafkaProducer(**kafka.producer_kwargs())
-        self._consumer = AIOKafkaConsumer(**kafka.consumer_kwargs(None))
+        self._producer = self._kafka.producer()
+        self._consumer = self._kafka.consumer(None)
         self._waiters: dict[str, asyncio.Future[Terminal]] = {}
         self._chunk_callbacks: dict[str, ChunkCallback] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._registry: RegistryWatcher | None = None
+        self._registry: TopicReader | None = None
+        self._view = RegistryView()
 
     async def __aenter__(self) -> InferenceClient:
         await self.start()
@@ -76,8 +81,7 @@ class InferenceClient:
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
-        await self._consumer.topics()  # loads metadata so partitions are known
-        partitions = self._consumer.partitions_for_topic(self.reply_to)
+        partitions = await self._consumer.partitions_for(self.reply_to)
         if not partitions:
             raise RuntimeError(f"reply topic {self.reply_to} does not exist")
         tps = [TopicPartition(self.reply_to, p) for p in sorted(partitions)]
@@ -101,9 +105,16 @@ class InferenceClient:
         """Active nodes serving ``model``, from the registry (read on first use, then kept
         current in the background)."""
         if self._registry is None:
-            self._registry = RegistryWatcher(self._kafka, self.topics.registry, RegistryView())
+            self._registry = TopicReader(
+                self._kafka.consumer(None), self.topics.registry, self._view.apply
+            )
             await self._registry.start()
-        return self._registry.view.active_nodes(model)
+        return self._view.active_nodes(model)
+
+    @property
+    def registry_view(self) -> RegistryView:
+        """The nodes this client knows from the registry (filled by ``discover``)."""
+        return self._view
 
     def expect(self, request_id: str) -> asyncio.Future[Terminal]:
         """A future for the reply to ``request_id``, for a request produced some other way."""
@@ -172,7 +183,7 @@ class InferenceClient:
 
     async def _read(self) -> None:
         while True:
-            batches: dict[Any, list[Any]] = await self._consumer.getmany(timeout_ms=200)
+            batches = await self._consumer.getmany(timeout_ms=200)
             for records in batches.values():
                 for msg in records:
                     self._dispatch(msg.value)

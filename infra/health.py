@@ -16,8 +16,7 @@ the event loop and must be quick (read an attribute); anything doing I/O must be
 check has a time limit; an exception or a timeout counts as a failure (logged by type only).
 
 The module also holds what both services' metrics share: :func:`kafka_reachable` (an async
-Kafka ApiVersions probe, TLS when the cluster uses it), :func:`consumer_lag` and
-:class:`LabelGuard`.
+Kafka ApiVersions probe, TLS when the cluster uses it) and :class:`LabelGuard`.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ __all__ = [
     "Check",
     "HealthServer",
     "LabelGuard",
-    "consumer_lag",
     "kafka_api_versions",
     "kafka_reachable",
 ]
@@ -312,28 +310,6 @@ def kafka_reachable(kafka: KafkaSettings, timeout_s: float = 1.0) -> Check:
         return any(results)
 
     return broker_reachable
-
-
-async def consumer_lag(
-    consumer: Any, partitions: Iterable[Any] | None = None, *, timeout_s: float = 1.0
-) -> dict[Any, int]:
-    """Records not yet fetched per assigned partition: ``highwater - position``.
-
-    Partitions whose highwater is not known yet (nothing fetched from them) or whose position
-    cannot be resolved within ``timeout_s`` are left out rather than reported as 0."""
-    from aiokafka.errors import IllegalStateError  # type: ignore[import-untyped]
-
-    lags: dict[Any, int] = {}
-    for tp in list(partitions if partitions is not None else consumer.assignment()):
-        try:
-            highwater = consumer.highwater(tp)
-            if highwater is None:
-                continue
-            position = await asyncio.wait_for(consumer.position(tp), timeout_s)
-        except (AssertionError, IllegalStateError, TimeoutError):
-            continue
-        lags[tp] = max(0, int(highwater) - int(position))
-    return lags
 
 
 class LabelGuard:

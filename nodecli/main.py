@@ -33,9 +33,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from infra.logs import configure_logging
     from worker.app import WorkerFatal, serve
-    from worker.logs import configure_logging
-    from worker.models.service import ModelConfigError
+    from worker.modelstore.service import ModelConfigError
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
@@ -54,11 +54,14 @@ def cmd_settlement(args: argparse.Namespace) -> int:
 
     settings = SettlementSettings()
     if args.action == "run":
-        from settlement.app import serve
-        from worker.logs import configure_logging
+        from infra.logs import configure_logging
+        from settlement.app import SettlementFatal, serve
 
         configure_logging(settings.log_level)
-        asyncio.run(serve(settings, args.ready_file))
+        try:
+            asyncio.run(serve(settings, args.ready_file))
+        except SettlementFatal as e:
+            return _fail(str(e), 1)
         return 0
     from settlement.ledger import open_ledger
 
@@ -73,14 +76,13 @@ def cmd_settlement(args: argparse.Namespace) -> int:
         if not args.request_id:
             return _fail(f"settlement {args.action} needs a request id")
         if args.action == "proof":
-            from nodecli.inclusion import build_proofs
+            from infra.dev.stack import local_chain
+            from settlement.inclusion import build_proofs
 
-            chain = settings.chain
-            stack_chain = Path("var/chain.json")  # written by `stack up`, for local use
-            if chain.contract_address is None and stack_chain.exists():
-                address = json.loads(stack_chain.read_text())["contract_address"]
-                chain = chain.model_copy(update={"contract_address": address})
-            proofs = build_proofs(ledger, args.request_id, chain)
+            chain = local_chain(settings.chain, args.state_dir)
+            proofs = [
+                p.model_dump(mode="json") for p in build_proofs(ledger, args.request_id, chain)
+            ]
             if not proofs:
                 return _fail("no anchored record for that request id (yet)", 1)
             _print_json(proofs[0] if len(proofs) == 1 else proofs)
@@ -93,7 +95,7 @@ def cmd_settlement(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from nodecli.stack import StackConfig, stack_down, stack_status, stack_up
+    from infra.dev.stack import StackConfig, stack_down, stack_status, stack_up
 
     cfg = StackConfig(
         state_dir=args.state_dir,
@@ -130,18 +132,18 @@ def cmd_request(args: argparse.Namespace) -> int:
         build_request,
         parse_payload,
     )
-    from client.verify import verify_result
     from schemas.base import VerificationMode
     from schemas.codec import encode
     from schemas.results import InferenceResult, StreamChunk
     from schemas.topics import Topics
+    from schemas.verify.result import verify_result
 
     settings = ClientSettings()
     if args.bootstrap:
         settings.kafka.bootstrap_servers = args.bootstrap
     try:
         if args.example:
-            from worker.models.local_hub import LocalHub
+            from worker.modelstore.local_hub import LocalHub
 
             raw_payload = LocalHub(args.hub_dir).resolve(args.model).example_input
         else:
@@ -198,7 +200,7 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from nodecli.verify_offline import run_verify
+    from nodecli.verify import run_verify
 
     return run_verify(args)
 
@@ -210,39 +212,37 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from worker.app import node_signer
+    from worker.identity import node_signer
     from worker.settings import WorkerSettings
 
-    settings = WorkerSettings()
-    _print_json({"node_id": node_signer(settings).node_id})
+    _print_json({"node_id": node_signer(WorkerSettings()).node_id})
     return 0
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from nacl.public import PrivateKey
-
-    from nodecli.dlq import list_dlq, replay_dlq
+    from infra.kafka.client import ClusterKafka
+    from worker.deadletters import list_dlq, replay_dlq
+    from worker.identity import DLQ_KEY_FILE, dlq_private_key
     from worker.settings import WorkerSettings
-    from worker.trust.keys import load_or_create_seed
 
     settings = WorkerSettings()
     if args.bootstrap:
         settings.kafka.bootstrap_servers = args.bootstrap
+    kafka = ClusterKafka(settings.kafka)
     if args.action == "list":
-        for entry in asyncio.run(list_dlq(settings.kafka, settings.topics)):
-            sys.stdout.write(json.dumps(entry, sort_keys=True) + "\n")
+        for line in asyncio.run(list_dlq(kafka, settings.topics)):
+            sys.stdout.write(json.dumps(line.as_dict(), sort_keys=True) + "\n")
         return 0
-    key_path = settings.key_dir / "dlq_x25519.key"
-    if not key_path.exists():
-        return _fail(f"no DLQ private key at {key_path}")
-    key = PrivateKey(load_or_create_seed(key_path))
+    if not (settings.key_dir / DLQ_KEY_FILE).exists():
+        return _fail(f"no DLQ private key at {settings.key_dir / DLQ_KEY_FILE}")
     offsets = None if args.all else set(args.offset)
     if offsets is not None and not offsets:
         return _fail("dlq replay needs --offset N (repeatable) or --all")
-    results = asyncio.run(replay_dlq(settings.kafka, settings.topics, key, offsets))
-    for line in results:
-        sys.stdout.write(json.dumps(line, sort_keys=True) + "\n")
-    return 0 if all(r["replayed"] for r in results) else 1
+    key = dlq_private_key(settings)
+    results = asyncio.run(replay_dlq(kafka, settings.topics, key, offsets))
+    for result in results:
+        sys.stdout.write(json.dumps(result.as_dict(), sort_keys=True) + "\n")
+    return 0 if all(r.replayed for r in results) else 1
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("request_id", nargs="?")
     s.add_argument("--payer", help="usage: only this payer")
+    s.add_argument(
+        "--state-dir", type=Path, default=Path("var"), help="local stack state (proof: chain)"
+    )
     s.add_argument("--ready-file", type=Path)
     s.set_defaults(func=cmd_settlement)
 
@@ -300,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--request", type=Path, help="the request sent, to check the input hash")
     v.add_argument("--inclusion", type=Path, help="an inclusion proof (settlement proof ID)")
     v.add_argument("--rpc-url", default="http://127.0.0.1:8545", help="chain RPC for --inclusion")
-    from nodecli.verify_offline import add_arguments
+    from nodecli.verify import add_arguments
 
     add_arguments(v)
     v.set_defaults(func=cmd_verify)

@@ -45,14 +45,14 @@ def add_models_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from worker.models.hub import ModelError
-    from worker.models.service import open_cache
+    from worker.modelstore.hub import ModelError
+    from worker.modelstore.service import open_cache
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
     hub_dir = args.hub_dir or settings.hub_dir
     if args.action == "build-demo":
-        from worker.models.demo import build_demo_hub
+        from infra.dev.demo_models import build_demo_hub
 
         _print(_hub_rows(build_demo_hub(hub_dir, force=args.force).models))
         return 0

@@ -10,7 +10,7 @@ for evidence (an Intel TDX quote, an AMD SEV-SNP report, an AWS Nitro document) 
 SHA-512 fills the 64 bytes exactly (no padding rule to get wrong); the domain tag stops the
 hash being mistaken for any other 64-byte value a TEE was asked to sign; RFC 8785 (JCS) fixes
 the bytes. Evidence binding the keys is only worth something if the verifier recomputes the
-binding from the keys it is about to trust: ``client.attestation`` does, and the byte-level
+binding from the keys it is about to trust: ``schemas.verify.attestation`` does, and the byte-level
 rules are in ``docs/protocol/attestation.md``.
 
 The ``dev`` kind is a development statement signed by an ordinary ed25519 key on a machine

@@ -25,39 +25,30 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import struct
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 from pydantic import Field, StringConstraints
 
 from schemas import limits
 from schemas.base import Hex32, Hex64, ModelName, RequestId, UnixMs, WireModel
-from schemas.canonical import domain_digest
+from schemas.fixedpoint import InputType, felt_hex
 from schemas.requests import MAX_SAFE_INT, MLInput, TensorName
 from schemas.results import MLOutput
+from schemas.signing import verify_signature
 from schemas.version import SCHEMA_VERSION
 
 __all__ = [
-    "BN254_SCALAR_MODULUS",
     "CIRCUIT_FORMAT",
     "DEV_SRS_PREFIX",
     "PROOF_DOMAIN",
     "PROOF_SYSTEM",
     "CircuitManifest",
     "CircuitTensor",
-    "InputType",
     "ProofClaims",
     "ProofRecord",
     "SrsLabel",
-    "dequantize",
-    "element_float",
-    "felt_hex",
-    "felt_to_int",
     "proof_bytes",
     "proof_instances",
-    "quantize",
     "verify_proof_signature",
 ]
 
@@ -68,16 +59,12 @@ CIRCUIT_FORMAT: Final = "og-zk-circuit/v1"
 DEV_SRS_PREFIX: Final = "dev-"
 """SRS labels starting with this name a locally generated (``ezkl.gen_srs``) SRS: its toxic
 waste was known to one machine, so proofs under it prove nothing to anyone else."""
-BN254_SCALAR_MODULUS: Final = (
-    21888242871839275222246405745257275088548364400416034343698204186575808495617
-)
 MAX_PROOF_B64_CHARS: Final = 262_144
 MAX_INSTANCES: Final = 16_384
 """Public values (inputs + outputs) per proof: keeps a record well under the message limit."""
 
 SafeInt = Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)]
 SrsLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
-InputType = Literal["F32", "F64"]
 
 
 class ProofClaims(WireModel):
@@ -123,13 +110,7 @@ class ProofRecord(WireModel):
 
 def verify_proof_signature(record: ProofRecord) -> bool:
     """True when ``signature`` is the claims' node key over their domain digest."""
-    try:
-        VerifyKey(bytes.fromhex(record.claims.node_id)).verify(
-            domain_digest(PROOF_DOMAIN, record.claims), bytes.fromhex(record.signature)
-        )
-    except (BadSignatureError, ValueError):
-        return False
-    return True
+    return verify_signature(PROOF_DOMAIN, record.claims.node_id, record.claims, record.signature)
 
 
 class CircuitTensor(WireModel):
@@ -170,53 +151,6 @@ class CircuitManifest(WireModel):
     visibility: dict[str, str]
     """EZKL visibility of inputs, outputs and params (public, public, fixed)."""
     created_unix_ms: UnixMs
-
-
-def _round_half_away(value: float) -> int:
-    # Rust's f64::round: halves go away from zero. ``a - floor(a)`` is exact for doubles.
-    magnitude = abs(value)
-    whole = math.floor(magnitude)
-    if magnitude - whole >= 0.5:
-        whole += 1
-    return -whole if value < 0 else whole
-
-
-def element_float(element: bool | int | float | str | dict[str, Any]) -> float:
-    """The number a float tensor element stands for, as the ONNX engine reads it: a JSON
-    number, or a fixed-point ``{"value": V, "decimals": D}`` as the double nearest
-    ``V / 10**D``. ``ValueError`` for anything else."""
-    if isinstance(element, bool) or isinstance(element, str):
-        raise ValueError("not a number")
-    if isinstance(element, dict):
-        return float(element["value"] / 10 ** element["decimals"])
-    return float(element)
-
-
-def quantize(value: float, scale: int, input_type: InputType = "F32") -> int:
-    """EZKL's fixed-point encoding of one input element: ``round(x * 2**scale)``, halves away
-    from zero, after rounding ``x`` to float32 when the input type is ``F32``."""
-    x = float(value)
-    if input_type == "F32":
-        x = struct.unpack("<f", struct.pack("<f", x))[0]
-    return _round_half_away(x * 2.0**scale)
-
-
-def dequantize(q: int, scale: int) -> float:
-    return q / 2.0**scale
-
-
-def felt_hex(value: int) -> str:
-    """A signed integer as EZKL writes a BN254 field element: ``value mod r``, 32 bytes
-    little-endian, lower-case hex."""
-    return (value % BN254_SCALAR_MODULUS).to_bytes(32, "little").hex()
-
-
-def felt_to_int(felt: str) -> int:
-    """Inverse of ``felt_hex`` for values in (-r/2, r/2)."""
-    value = int.from_bytes(bytes.fromhex(felt), "little")
-    if value >= BN254_SCALAR_MODULUS:
-        raise ValueError("not a canonical field element")
-    return value - BN254_SCALAR_MODULUS if value > BN254_SCALAR_MODULUS // 2 else value
 
 
 def proof_instances(claims: ProofClaims) -> list[list[str]]:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 from pydantic import Field, StringConstraints
 
 from schemas import limits
 from schemas.attestation import Attestation
 from schemas.base import Hex32, Hex64, ModelName, UnixMs, VerificationMode, WireModel
-from schemas.canonical import domain_digest
+from schemas.signing import verify_signature
 from schemas.version import SCHEMA_VERSION
 
 __all__ = [
@@ -109,26 +107,16 @@ def revocation_key(node_id: str) -> bytes:
     return f"revocation:{node_id}".encode()
 
 
-def _verify(domain: bytes, key_hex: str, value: WireModel, signature_hex: str) -> bool:
-    try:
-        VerifyKey(bytes.fromhex(key_hex)).verify(
-            domain_digest(domain, value), bytes.fromhex(signature_hex)
-        )
-    except (BadSignatureError, ValueError):
-        return False
-    return True
-
-
 def verify_registration(record: RegistrationRecord) -> bool:
     """True when the registration is signed by the node it names."""
-    return _verify(
+    return verify_signature(
         REGISTRATION_DOMAIN, record.registration.node_id, record.registration, record.signature
     )
 
 
 def verify_revocation(record: RevocationRecord) -> bool:
     """True when signed by ``authority_id`` (whether that authority is trusted is policy)."""
-    return _verify(
+    return verify_signature(
         REVOCATION_DOMAIN,
         record.revocation.authority_id,
         record.revocation,

@@ -113,6 +113,8 @@ class ErrorCode(StrEnum):
     """The sealed request names no content key for this node; another node must answer."""
     BAD_CIPHERTEXT = "bad_ciphertext"
     """The sealed request cannot be opened (tampered or malformed ciphertext)."""
+    OUTPUT_TOO_LARGE = "output_too_large"
+    """The answer is larger than the largest message the node may publish; ask for less."""
     INTERNAL = "internal"
     """The node failed; retrying later may succeed."""
 

@@ -7,7 +7,8 @@ share one cluster without seeing each other's traffic.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "HEADER_TRACEPARENT",
     "MODEL_NAME_PATTERN",
     "TOPIC_NAME_PATTERN",
+    "TopicSpec",
     "Topics",
+    "standard_topics",
 ]
 
 DEFAULT_NAMESPACE: Final = "og"
@@ -91,3 +94,38 @@ class Topics:
     @property
     def registry(self) -> str:
         return f"{self.namespace}.registry"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as we want it: name, partition count, replication factor, topic configs."""
+
+    name: str
+    partitions: int
+    replication_factor: int = 1
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+def standard_topics(
+    namespace: str,
+    models: Sequence[str],
+    *,
+    request_partitions: int = 4,
+    replication_factor: int = 1,
+) -> list[TopicSpec]:
+    """Return the topics a deployment needs: one request topic per model plus shared topics.
+
+    ``{ns}.infer.{model}`` (``request_partitions``), ``{ns}.replies`` (4), ``{ns}.settlement``
+    (4), ``{ns}.dlq`` (1) and ``{ns}.registry`` (1, compacted: only the latest registration or
+    heartbeat per node id matters).
+    """
+    names = Topics(namespace)
+    rf = replication_factor
+    specs = [TopicSpec(names.infer(m), request_partitions, rf) for m in models]
+    specs += [
+        TopicSpec(names.replies, 4, rf),
+        TopicSpec(names.settlement, 4, rf),
+        TopicSpec(names.dlq, 1, rf),
+        TopicSpec(names.registry, 1, rf, {"cleanup.policy": "compact"}),
+    ]
+    return specs

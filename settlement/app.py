@@ -7,7 +7,7 @@ nor double-counts a record. Anchoring runs beside consumption and never slows it
 ``settlement.batcher`` for its own crash-safety argument.
 
 The settlement topic carries two message types, told apart by their ``type``:
-``settlement_record`` (a signed result, ``settlement.verify``) and ``proof_record`` (a ZKML
+``settlement_record`` (a signed result, ``schemas.verify.record``) and ``proof_record`` (a ZKML
 proof that follows a result, ``settlement.proofs``). Both of a batch go into one ledger
 transaction, records first, so a proof and its result arriving together link up.
 """
@@ -18,21 +18,23 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
-
-from infra.health import HealthServer, consumer_lag, kafka_reachable
-from infra.lifecycle import clear_ready, install_stop_handlers, mark_ready
+from infra.health import HealthServer, kafka_reachable
+from infra.kafka.client import ClusterKafka
+from infra.kafka.ports import Consumer, Kafka, Record, TopicPartition
+from infra.lifecycle import Supervisor, clear_ready, install_stop_handlers, mark_ready
+from infra.tracing import trace_fields
 from schemas.base import VerificationMode
 from schemas.codec import too_deep
 from schemas.limits import MAX_MESSAGE_BYTES
-from schemas.settlement import SettlementRecord
+from schemas.merkle import envelope_leaf
+from schemas.verify.record import Rejected, Verified, gate_record, verify_record
 from settlement.batcher import Batcher, BatcherConfig
 from settlement.chain import SettlementChain
 from settlement.failpoints import failpoint
-from settlement.ledger import Ledger, ProofEntry, RejectedInput, open_ledger
+from settlement.ledger import Accepted, Ledger, Origin, ProofEntry, Rejection, open_ledger
 from settlement.metrics import SettlementMetrics
 from settlement.nodes import NodeRegistry
 from settlement.proofs import (
@@ -44,32 +46,49 @@ from settlement.proofs import (
     verify_snarks,
 )
 from settlement.settings import SettlementSettings
-from settlement.verify import Rejected, verify_record
-from worker.tracing import trace_fields
 
-__all__ = ["SettlementService", "serve"]
+__all__ = ["SettlementFatal", "SettlementService", "serve"]
 
 log = logging.getLogger(__name__)
 
+_LAG_INTERVAL_S = 5.0
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SettlementFatal(Exception):
+    """Settlement cannot go on safely (its registry view may be stale, a background task
+    died): nothing more is committed, and the process exits non-zero for a restart."""
+
 
 class SettlementService:
-    def __init__(self, settings: SettlementSettings) -> None:
+    def __init__(self, settings: SettlementSettings, kafka: Kafka | None = None) -> None:
         self.settings = settings
+        self.kafka: Kafka = kafka if kafka is not None else ClusterKafka(settings.kafka)
         self.ledger: Ledger | None = None
         self.chain: SettlementChain | None = None
         self.batcher: Batcher | None = None
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer: Consumer | None = None
         self._stopping = asyncio.Event()
         zk = settings.zk
         self.vk_store = VkStore(zk.vk_store_dir) if zk.vk_store_dir is not None else None
-        self.seen = 0
-        self.stored = 0
-        self.rejected = 0
-        self.proofs_seen = 0
         self.nodes: NodeRegistry | None = None
         self.metrics = SettlementMetrics()
         self.health: HealthServer | None = None
-        self._lag_task: asyncio.Task[None] | None = None
+        self.supervisor = Supervisor(on_failure=lambda _name: self.stop())
+        self.fatal: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Consuming, with a live registry view and every background task alive."""
+        return (
+            self._consumer is not None
+            and not self._stopping.is_set()
+            and self.supervisor.healthy
+            and (self.nodes is None or self.nodes.healthy)
+        )
 
     async def setup(self) -> None:
         s = self.settings
@@ -81,13 +100,14 @@ class SettlementService:
                 ready={
                     "ledger_open": lambda: self.ledger is not None,
                     "broker_reachable": kafka_reachable(s.kafka),
-                    "consuming": lambda: self._consumer is not None and not self._stopping.is_set(),
+                    "registry_view": lambda: self.nodes is None or self.nodes.healthy,
+                    "consuming": lambda: self.ready,
                 },
             )
             await self.health.start()
         self.ledger = await asyncio.to_thread(open_ledger, s.ledger_url)
         if s.registry.required:
-            self.nodes = NodeRegistry(s.kafka, s.topics.registry, s.registry)
+            self.nodes = NodeRegistry(self.kafka, s.topics.registry, s.registry)
             await self.nodes.start()
         if s.anchor:
             self.chain = await SettlementChain.connect(s.chain)
@@ -99,28 +119,33 @@ class SettlementService:
                 ),
                 metrics=self.metrics,
             )
-        self._consumer = AIOKafkaConsumer(
-            s.topics.settlement, **s.kafka.consumer_kwargs(s.group_id)
-        )
+        self._consumer = self.kafka.consumer(s.group_id)
+        self._consumer.subscribe([s.topics.settlement])
         await self._consumer.start()
         log.info("settlement ready")
 
     def stop(self) -> None:
         self._stopping.set()
+        self.supervisor.shutting_down()
         if self.batcher is not None:
             self.batcher.stop()
 
     async def run(self) -> None:
         assert self._consumer is not None and self.ledger is not None, "setup() first"
-        anchoring = asyncio.create_task(self.batcher.run()) if self.batcher else None
-        self._lag_task = asyncio.create_task(self._sample_lag())
+        if self.batcher is not None:
+            self.supervisor.spawn("anchoring", self.batcher.run(), may_return=True)
+        self.supervisor.spawn("consumer-lag", self._sample_lag())
         try:
             await self._consume()
         finally:
-            self._lag_task.cancel()
-            if anchoring is not None:
-                self.batcher.stop()  # type: ignore[union-attr]
-                await anchoring
+            self.supervisor.shutting_down()
+            if self.batcher is not None:
+                self.batcher.stop()
+            await self.supervisor.stop(timeout_s=30.0)
+        if self.fatal is not None:
+            raise SettlementFatal(str(self.fatal)) from self.fatal
+        if self.supervisor.failures:
+            raise SettlementFatal(f"a background task died: {sorted(self.supervisor.failures)}")
 
     async def _consume(self) -> None:
         assert self._consumer is not None
@@ -131,51 +156,54 @@ class SettlementService:
             if batches:
                 await self._settle(batches)
 
-    async def _settle(self, batches: dict[TopicPartition, list[Any]]) -> None:
+    async def _settle(self, batches: Mapping[TopicPartition, Sequence[Record]]) -> None:
         assert self._consumer is not None and self.ledger is not None
-        accepted: list[SettlementRecord] = []
-        origins: list[str] = []
-        rejected: list[RejectedInput] = []
-        proof_messages: list[tuple[Any, str, int]] = []
-        verified: list[tuple[SettlementRecord, Any, TopicPartition]] = []
+        now_ms = _now_ms()
+        accepted: list[Accepted] = []
+        rejected: list[Rejection] = []
+        proof_messages: list[tuple[Record, Origin]] = []
+        verified: list[tuple[Verified, Record, Origin]] = []
         offsets = {}
         for tp, records in batches.items():
             for msg in records:
+                origin = Origin(tp.topic, tp.partition, msg.offset)
                 if _is_proof_record(msg.value):
-                    proof_messages.append((msg, tp.topic, tp.partition))
+                    proof_messages.append((msg, origin))
                     continue
-                outcome = verify_record(msg.value, max_clock_skew_s=self.settings.max_clock_skew_s)
+                outcome = verify_record(
+                    msg.value, max_clock_skew_s=self.settings.max_clock_skew_s, now_ms=now_ms
+                )
                 if isinstance(outcome, Rejected):
-                    self._reject(outcome, msg, tp, rejected)
+                    self._reject(outcome, msg, origin, rejected)
                 else:
-                    verified.append((outcome.record, msg, tp))
+                    verified.append((outcome, msg, origin))
             offsets[tp] = records[-1].offset + 1
-        await self._await_nodes({r.envelope.node_id for r, _, _ in verified})
-        for record, msg, tp in verified:
-            env = record.envelope
-            reason = self._node_gate(env.node_id, env.signed_unix_ms, env.mode)
-            if reason is not None:
-                gated = Rejected(reason, "", env.request_id, env.node_id)
-                self._reject(gated, msg, tp, rejected)
+        await self._await_nodes({v.record.envelope.node_id for v, _, _ in verified})
+        for item, msg, origin in verified:
+            gated = gate_record(item, self.nodes) if self.nodes is not None else None
+            if gated is not None:
+                self._reject(gated, msg, origin, rejected)
             else:
-                accepted.append(record)
-                origins.append(f"{tp.topic}/{tp.partition}/{msg.offset}")
+                leaf = "0x" + envelope_leaf(item.record.envelope, item.digest).hex()
+                accepted.append(Accepted(item.record, origin, leaf))
         proofs = await self._verify_proofs(proof_messages, rejected)
+        if self.nodes is not None and not self.nodes.healthy:
+            # Rejections made on a registry view that stopped updating may be wrong: commit
+            # nothing, stop, and let a restart judge these records again on a fresh view.
+            self.fatal = RuntimeError("the registry reader stopped")
+            self.stop()
+            return
         failpoint("before_ledger_write")
         started_s = time.perf_counter()
-        inserted = await asyncio.to_thread(self.ledger.store, accepted, rejected, origins, proofs)
+        inserted = await asyncio.to_thread(self.ledger.store, accepted, rejected, proofs)
         self.metrics.settled(
             verified=len(accepted),
             inserted=inserted,
-            rejected_reasons=[r[0].reason for r in rejected],
+            rejected_reasons=[r.outcome.reason for r in rejected],
             write_s=time.perf_counter() - started_s,
         )
         failpoint("after_ledger_write")
         await self._consumer.commit(offsets)
-        self.seen += sum(len(records) for records in batches.values())
-        self.proofs_seen += len(proof_messages)
-        self.stored += inserted
-        self.rejected += len(rejected)
         log.info(
             "batch settled",
             extra={
@@ -187,16 +215,15 @@ class SettlementService:
         )
 
     @staticmethod
-    def _reject(
-        outcome: Rejected, msg: Any, tp: TopicPartition, rejected: list[RejectedInput]
-    ) -> None:
-        rejected.append((outcome, msg.value, tp.topic, tp.partition, msg.offset))
+    def _reject(outcome: Rejected, msg: Record, origin: Origin, out: list[Rejection]) -> None:
+        out.append(Rejection(outcome, msg.value, origin))
+        headers = [(k, v) for k, v in (msg.headers or ()) if v is not None]
         log.warning(
             "record rejected",
             extra={
                 "reason": outcome.reason,
                 "request_id": outcome.request_id,
-                **trace_fields(msg.headers),
+                **trace_fields(headers),
             },
         )
 
@@ -204,29 +231,22 @@ class SettlementService:
         if self.nodes is not None and node_ids:
             await self.nodes.await_nodes(node_ids)
 
-    def _node_gate(self, node_id: str, signed_unix_ms: int, mode: VerificationMode) -> str | None:
-        """Why this node may not settle a record signed at ``signed_unix_ms`` (None: it may);
-        no gate when registration is not required."""
-        if self.nodes is None:
-            return None
-        return self.nodes.check_record(node_id, signed_unix_ms, mode)
-
     async def _sample_lag(self) -> None:
+        assert self._consumer is not None
         while True:
-            await asyncio.sleep(5.0)
-            if self._consumer is not None:
-                lags = await consumer_lag(self._consumer)
-                self.metrics.set_lag({(tp.topic, tp.partition): n for tp, n in lags.items()})
+            await asyncio.sleep(_LAG_INTERVAL_S)
+            lags = await self._consumer.lag(sorted(self._consumer.assignment()))
+            self.metrics.set_lag({(tp.topic, tp.partition): n for tp, n in lags.items()})
 
     async def _verify_proofs(
-        self, messages: list[tuple[Any, str, int]], rejected: list[RejectedInput]
+        self, messages: list[tuple[Record, Origin]], rejected: list[Rejection]
     ) -> list[ProofEntry]:
         """Check proof records (cheap checks here, SNARKs in one child process); rejections
         are appended to ``rejected``, signed ones also returned as ledger entries."""
         zk = self.settings.zk
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = _now_ms()
         entries: list[ProofEntry] = []
-        checked: list[tuple[ProofChecked, str]] = []
+        checked: list[tuple[ProofChecked, Origin]] = []
 
         def check_all() -> list[ProofChecked | Rejected]:
             # In a thread: the first proof of a model hashes its pinned files (SRS: MBs).
@@ -238,19 +258,22 @@ class SettlementService:
                     max_clock_skew_s=self.settings.max_clock_skew_s,
                     now_ms=now_ms,
                 )
-                for msg, _, _ in messages
+                for msg, _ in messages
             ]
 
         outcomes = await asyncio.to_thread(check_all) if messages else []
         await self._await_nodes(
             {o.record.claims.node_id for o in outcomes if isinstance(o, ProofChecked)}
         )
-        for (msg, topic, partition), outcome in zip(messages, outcomes, strict=True):
-            origin = f"{topic}/{partition}/{msg.offset}"
+        for (msg, origin), outcome in zip(messages, outcomes, strict=True):
             if isinstance(outcome, ProofChecked):
                 claims = outcome.record.claims
-                reason = self._node_gate(
-                    claims.node_id, claims.signed_unix_ms, VerificationMode.ZKML
+                reason = (
+                    self.nodes.check_record(
+                        claims.node_id, claims.signed_unix_ms, VerificationMode.ZKML
+                    )
+                    if self.nodes is not None
+                    else None
                 )
                 if reason is not None:
                     gated = snark_rejection(outcome, reason)
@@ -275,12 +298,11 @@ class SettlementService:
     def _reject_proof(
         outcome: Rejected,
         raw: bytes | None,
-        origin: str,
-        rejected: list[RejectedInput],
+        origin: Origin,
+        rejected: list[Rejection],
         entries: list[ProofEntry],
     ) -> None:
-        topic, partition, offset = origin.rsplit("/", 2)
-        rejected.append((outcome, raw, topic, int(partition), int(offset)))
+        rejected.append(Rejection(outcome, raw, origin))
         if isinstance(outcome, ProofRejected) and outcome.record is not None:
             entries.append(ProofEntry(outcome.record, "rejected", outcome.reason, origin))
         log.warning(

@@ -16,15 +16,16 @@ is never in two batches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from settlement.chain import Anchored, ChainError, DuplicateRoot, SettlementChain
+from schemas.merkle import MerkleTree
+from settlement.chain import AnchorChain, Anchored, ChainError, DuplicateRoot
 from settlement.failpoints import failpoint
-from settlement.ledger.base import BatchRow, Ledger
-from settlement.merkle import MerkleTree, envelope_leaf
+from settlement.ledger.base import BatchMember, BatchRow, Ledger
 from settlement.metrics import SettlementMetrics
 
 __all__ = ["Batcher", "BatcherConfig"]
@@ -48,7 +49,7 @@ class Batcher:
     def __init__(
         self,
         ledger: Ledger,
-        chain: SettlementChain,
+        chain: AnchorChain,
         config: BatcherConfig,
         *,
         clock_ms: Callable[[], int] = _now_ms,
@@ -60,7 +61,7 @@ class Batcher:
         self._config = config
         self._clock_ms = clock_ms
         self._stopping = asyncio.Event()
-        self.anchored: list[Anchored] = []
+        self.last_anchored: Anchored | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -77,10 +78,9 @@ class Batcher:
                 if self._metrics is not None:
                     self._metrics.anchor_failed()
                 delay_s = self._config.retry_backoff_s
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay_s):
+                    await self._stopping.wait()
 
     async def step(self) -> None:
         """One round: finish open batches, then build and anchor at most one new one."""
@@ -106,10 +106,10 @@ class Batcher:
         records = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)
         if not records:
             return None
-        leaves = {(r.request_id, r.node_id): envelope_leaf(r.envelope) for r in records}
+        leaves = {(r.request_id, r.node_id): bytes.fromhex(r.leaf_hash[2:]) for r in records}
         tree = MerkleTree(leaves.values())
         members = [
-            (request_id, node_id, tree.index_of(leaf), "0x" + leaf.hex())
+            BatchMember(request_id, node_id, tree.index_of(leaf), "0x" + leaf.hex())
             for (request_id, node_id), leaf in leaves.items()
         ]
         batch_id = await asyncio.to_thread(
@@ -143,7 +143,7 @@ class Batcher:
             anchored.gas_used,
             anchored.batch_index,
         )
-        self.anchored.append(anchored)
+        self.last_anchored = anchored
         if self._metrics is not None:
             self._metrics.batch_anchored(batch.count, anchored.gas_used)
         log.info(

@@ -10,9 +10,8 @@ so every simulation sees the previous anchor: a root anchored a moment ago is re
 Crash recovery: when a batch was sent but its transaction hash never reached the ledger,
 :meth:`SettlementChain.find_anchor` finds it again from the contract's storage and event log.
 
-The ABI and bytecode come from ``infra/contracts/Settlement.json``, built reproducibly by
-``node infra/contracts/build.mjs``. Web3 and aiohttp exceptions are translated here; no message
-or ``repr`` ever carries the relayer key.
+The ABI and bytecode come from ``infra.contracts.load_artifact`` (``Settlement.json``). Web3
+and aiohttp exceptions are translated here; no message or ``repr`` ever carries the relayer key.
 
 Exceptions::
 
@@ -24,14 +23,12 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from eth_account import Account
@@ -45,14 +42,16 @@ from web3.contract import AsyncContract
 from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception
 from web3.types import TxParams, TxReceipt, Wei
 
+from infra.contracts import load_artifact
+
 __all__ = [
+    "AnchorChain",
     "Anchored",
     "ChainError",
     "ChainSettings",
     "DuplicateRoot",
     "SettlementChain",
     "TransactionTimeout",
-    "load_artifact",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +100,20 @@ class TransactionTimeout(ChainError):
         self.tx_hash = tx_hash
 
 
+class AnchorChain(Protocol):
+    """What the batcher needs of a chain (``SettlementChain`` on a node, ``MemoryChain`` in
+    memory for the contract tier)."""
+
+    async def find_anchor(self, root: bytes) -> Anchored | None:
+        """The anchoring of ``root`` if the contract holds it, else None."""
+        ...
+
+    async def settle_batch(self, root: bytes, count: int, batch_ref: bytes) -> Anchored:
+        """Anchor ``root``; ``DuplicateRoot`` when it is there already, ``ChainError`` for any
+        other refusal."""
+        ...
+
+
 @dataclass(frozen=True)
 class Anchored:
     """A batch root anchored on chain (hex strings are ``0x``-prefixed)."""
@@ -110,13 +123,6 @@ class Anchored:
     block_number: int
     gas_used: int
     batch_index: int
-
-
-def load_artifact() -> dict[str, Any]:
-    """The compiled Settlement contract (``infra/contracts/Settlement.json``)."""
-    text = resources.files("infra").joinpath("contracts/Settlement.json").read_text()
-    artifact: dict[str, Any] = json.loads(text)
-    return artifact
 
 
 def _error_selectors(abi: list[dict[str, Any]]) -> dict[bytes, tuple[str, list[str]]]:

@@ -2,7 +2,7 @@
 
 Built by the composition root (never at import time) and served by
 ``infra.health.HealthServer``. Labels are bounded: rejection reasons are the short codes of
-``settlement.verify.Rejected`` (anything else counts as ``other``); no request or node id is
+``schemas.verify.record.Rejected`` (anything else counts as ``other``); no request or node id is
 ever a label.
 """
 

@@ -1,10 +1,10 @@
 """Which nodes settlement accepts records from: a live registry view plus policy.
 
-Settlement reads the registry topic itself (``client.registry.RegistryWatcher``) and rejects
+Settlement reads the registry topic itself (``infra.kafka.reader.TopicReader``) and rejects
 records from unknown, stale, revoked or (when required) unattested nodes; the rules are in
-``client.registry``. A record from a node the view does not know yet may simply have overtaken
-its registration (they travel on different topics), so before rejecting ``unknown_node`` the
-service waits up to ``unknown_node_wait_s`` for the view to move.
+``schemas.verify.registry``. A record from a node the view does not know yet may simply have
+overtaken its registration (they travel on different topics), so before rejecting
+``unknown_node`` the service waits up to ``unknown_node_wait_s`` for the view to move.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.attestation import AttestationPolicySettings, registration_check
-from client.registry import RegistryPolicy, RegistryView, RegistryWatcher
-from infra.kafka import KafkaSettings
+from infra.kafka.ports import Kafka
+from infra.kafka.reader import TopicReader
 from schemas.base import VerificationMode
 from schemas.registry import NodeRegistration
+from schemas.verify.attestation import AttestationPolicySettings, registration_check
+from schemas.verify.registry import RegistryPolicy, RegistryView
 
 __all__ = ["NodeRegistry", "RegistrySettings"]
 
@@ -70,11 +71,12 @@ class RegistrySettings(BaseModel):
 
 
 class NodeRegistry:
-    """Lifecycle wrapper (``start``/``stop``) around the watcher, with the unknown-node wait."""
+    """Lifecycle wrapper (``start``/``stop``) around the registry reader, with the
+    unknown-node wait."""
 
     def __init__(
         self,
-        kafka: KafkaSettings,
+        kafka: Kafka,
         topic: str,
         settings: RegistrySettings,
         attestation_check: Callable[[NodeRegistration], bool] | None = None,
@@ -82,13 +84,18 @@ class NodeRegistry:
         self.settings = settings
         check = attestation_check or registration_check(settings.attestation.policy())
         self.view = RegistryView(settings.policy(check))
-        self._watcher = RegistryWatcher(kafka, topic, self.view)
+        self.reader = TopicReader(kafka.consumer(None), topic, self.view.apply)
 
     async def start(self) -> None:
-        await self._watcher.start(self.settings.catch_up_timeout_s)
+        await self.reader.start(self.settings.catch_up_timeout_s)
 
     async def stop(self) -> None:
-        await self._watcher.stop()
+        await self.reader.stop()
+
+    @property
+    def healthy(self) -> bool:
+        """False once the registry reader died: the view no longer follows the topic."""
+        return self.reader.healthy
 
     def check_record(self, node_id: str, signed_unix_ms: int, mode: VerificationMode) -> str | None:
         return self.view.check_record(node_id, signed_unix_ms, mode)
@@ -98,12 +105,10 @@ class NodeRegistry:
         arrive (one wait per batch, not per record)."""
         if all(self.view.registration(n) is not None for n in node_ids):
             return
-        version = self.view.version
         deadline = asyncio.get_running_loop().time() + self.settings.unknown_node_wait_s
         while any(self.view.registration(n) is None for n in node_ids):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return
-            if not await self._watcher.wait_for_change(version, remaining):
+            if not await self.reader.wait_for_change(self.reader.version, remaining):
                 return
-            version = self.view.version

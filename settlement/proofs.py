@@ -40,21 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.processes import run_python_module
+from infra.children import run_python_module
 from schemas.canonical import sha256_hex
 from schemas.codec import Decoded, decode
 from schemas.proofs import (
     DEV_SRS_PREFIX,
     CircuitManifest,
     ProofRecord,
-    dequantize,
-    element_float,
     proof_bytes,
     proof_instances,
-    quantize,
     verify_proof_signature,
 )
-from settlement.verify import Rejected
+from schemas.verify.record import Rejected
+from schemas.verify.zkml import instance_problem
 
 __all__ = [
     "PinnedCircuit",
@@ -63,6 +61,8 @@ __all__ = [
     "ProofVerified",
     "VkStore",
     "check_proof_record",
+    "main",
+    "snark_rejection",
     "snark_verify",
     "verify_proof_record",
     "verify_snarks",
@@ -179,7 +179,7 @@ def check_proof_record(
         return reject("input_hash_mismatch")
     if sha256_hex(c.output) != c.output_hash:
         return reject("output_hash_mismatch")
-    problem = _check_instances(record, m)
+    problem = instance_problem(m, c.input, c.output, c.public_inputs, c.public_outputs)
     if problem is not None:
         return reject(*problem)
     try:
@@ -187,35 +187,6 @@ def check_proof_record(
     except ValueError:
         return reject("bad_proof", "proof is not canonical base64")
     return ProofChecked(record, circuit)
-
-
-def _check_instances(record: ProofRecord, m: CircuitManifest) -> tuple[str, str] | None:
-    c = record.claims
-    if len(c.public_inputs) != len(m.inputs) or len(c.public_outputs) != len(m.outputs):
-        return "bad_instances", "instance count differs from the circuit's"
-    if set(c.input.tensors) != {t.name for t in m.inputs}:
-        return "bad_instances", "input tensors differ from the circuit's"
-    if set(c.output.tensors) != {t.name for t in m.outputs}:
-        return "bad_instances", "output tensors differ from the circuit's (all must be proved)"
-    for spec, public in zip(m.inputs, c.public_inputs, strict=True):
-        tensor = c.input.tensors[spec.name]
-        if tensor.shape != spec.shape or len(public) != spec.size:
-            return "bad_instances", f"input {spec.name}: shape differs from the circuit's"
-        if tensor.dtype not in {"float32", "float64"}:
-            return "bad_instances", f"input {spec.name}: not a float tensor"
-        kind = spec.input_type or "F32"
-        if [quantize(element_float(x), spec.scale, kind) for x in tensor.data] != public:
-            return "input_instances_mismatch", f"input {spec.name}"
-    for spec, public in zip(m.outputs, c.public_outputs, strict=True):
-        out = c.output.tensors.get(spec.name)
-        if out is None or out.shape != spec.shape or len(public) != spec.size:
-            return "bad_instances", f"output {spec.name}: missing or shaped differently"
-        if out.dtype not in {"float32", "float64"}:
-            return "bad_instances", f"output {spec.name}: not a float tensor"
-        for q, value in zip(public, out.data, strict=True):
-            if abs(dequantize(q, spec.scale) - element_float(value)) > m.output_tolerance:
-                return "output_out_of_tolerance", f"output {spec.name}"
-    return None
 
 
 def _load_ezkl() -> Any:

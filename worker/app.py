@@ -1,7 +1,12 @@
 """Composition root of the worker: ``Worker.setup`` builds every object from settings.
 
 Nothing is created at import time. Lifecycle: ``setup()`` → ``run()`` → ``stop()`` (from a
-signal) → ``close()``.
+signal) → ``close()``. Stopping goes in a stated order: announce ``draining`` on the registry
+(clients stop sealing to this node), stop fetching, finish in-flight work within
+``drain_timeout_s``, commit, leave the group, then close the producer and the engines.
+
+Background tasks (heartbeats, re-attestation, the intake's commit loop and metrics sampler)
+are supervised: one that dies fails readiness and stops the worker (exit non-zero).
 """
 
 from __future__ import annotations
@@ -11,100 +16,55 @@ import gc
 import logging
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
-from nacl.public import PrivateKey, PublicKey
+from nacl.public import PublicKey
 
 from infra.health import HealthServer, kafka_reachable
-from infra.lifecycle import clear_ready, install_stop_handlers, mark_ready
+from infra.kafka.client import ClusterKafka
+from infra.kafka.ports import Consumer, Kafka, Producer
+from infra.lifecycle import Supervisor, clear_ready, install_stop_handlers, mark_ready
+from infra.tracing import Tracer, Tracing, configure_tracing
 from schemas.attestation import Attestation
 from schemas.base import VerificationMode
 from schemas.registry import RegisteredModel
+from schemas.topics import Topics
 from worker.engines.base import Engine
+from worker.handler import RecordHandler
+from worker.identity import (
+    AttestationFatal,
+    chain_address,
+    dlq_public_key,
+    node_attestation,
+    node_sealer,
+    node_signer,
+)
 from worker.intake import Intake, IntakeConfig
 from worker.metrics import WorkerMetrics
-from worker.models.service import build_engines, open_cache
-from worker.models.stats import CacheMetrics
+from worker.modelstore.service import build_engines, open_cache
+from worker.modelstore.stats import CacheMetrics
+from worker.observe import RecordObserver
 from worker.pipeline import ModeHandler, Pipeline
 from worker.publish import Publisher
 from worker.registration import Registrar, software_version
 from worker.settings import WorkerSettings
-from worker.tracing import Tracing, configure_tracing
-from worker.trust.keys import load_or_create_seed
-from worker.trust.sealing import NodeSealer
-from worker.trust.signer import Signer
 from worker.trust.tee import TeeMode
 from worker.zkml.handler import ZkmlModeHandler
 
 __all__ = [
     "Worker",
     "WorkerFatal",
-    "chain_address",
-    "dlq_public_key",
-    "node_sealer",
-    "node_signer",
+    "compose_intake",
+    "load_engines",
     "serve",
     "tune_gc",
 ]
 
 log = logging.getLogger(__name__)
 
-
-def node_signer(settings: WorkerSettings) -> Signer:
-    """The node identity: the secret setting when given, else the key file (created once)."""
-    if settings.node_key is not None:
-        return Signer(bytes.fromhex(settings.node_key.get_secret_value()))
-    return Signer(load_or_create_seed(settings.key_dir / "node_ed25519.key"))
+_DRAINING_PUBLISH_TIMEOUT_S = 5.0
 
 
-def node_sealer(settings: WorkerSettings) -> NodeSealer:
-    """The X25519 key sealed requests are opened with (secret setting, else key file)."""
-    if settings.x25519_key is not None:
-        return NodeSealer(bytes.fromhex(settings.x25519_key.get_secret_value()))
-    return NodeSealer(load_or_create_seed(settings.key_dir / "node_x25519.key"))
-
-
-def chain_address(settings: WorkerSettings) -> str:
-    """The node's secp256k1 account address, lower-case hex."""
-    from eth_account import Account
-
-    if settings.chain_key is not None:
-        key = bytes.fromhex(settings.chain_key.get_secret_value().removeprefix("0x"))
-    else:
-        key = load_or_create_seed(settings.key_dir / "node_secp256k1.key")
-    return str(Account.from_key(key).address).lower()
-
-
-async def node_attestation(
-    settings: WorkerSettings, node_id: str, x25519_public_key: str, address: str
-) -> Attestation | None:
-    """Evidence binding the node's three keys, from the configured provider (None: no TEE).
-    A configured provider that cannot attest is fatal: serving unattested would silently
-    downgrade every TEE promise."""
-    from worker.trust.attestation import (
-        AttestationError,
-        attest_node,
-        load_attestation_provider,
-    )
-
-    try:
-        provider = load_attestation_provider(settings.attestation)
-        if provider is None:
-            return None
-        return await asyncio.to_thread(
-            attest_node,
-            provider,
-            node_id=node_id,
-            x25519_public_key=x25519_public_key,
-            chain_address=address,
-        )
-    except AttestationError as e:
-        raise WorkerFatal(f"attestation: {e}") from e
-
-
-def dlq_public_key(settings: WorkerSettings) -> PublicKey:
-    if settings.dlq_public_key:
-        return PublicKey(bytes.fromhex(settings.dlq_public_key))
-    return PrivateKey(load_or_create_seed(settings.key_dir / "dlq_x25519.key")).public_key
+class WorkerFatal(Exception):
+    """The worker cannot go on safely; the process should exit non-zero."""
 
 
 async def load_engines(
@@ -112,7 +72,9 @@ async def load_engines(
 ) -> dict[str, Engine]:
     """Resolve every served model through the configured hub (local directory, or HTTP when
     ``cache.hub_url`` is set) into the shared cache at ``cache_dir``; pre-warmed models are
-    loaded now, the others on their first request (see ``worker.models.service``)."""
+    loaded now, the others on their first request (see ``worker.modelstore.service``)."""
+    if metrics is not None and settings.cache.budget_bytes is not None:
+        metrics.set_cache_budget(settings.cache.budget_bytes)
     cache = open_cache(
         settings.hub_dir,
         settings.cache_dir,
@@ -126,7 +88,7 @@ async def load_engines(
         for engine in engines.values():
             await engine.close()
         raise WorkerFatal(f"proxied models clash with hub models: {sorted(clash)}")
-    engines.update(await load_proxy_engines(settings.proxy))
+    engines.update(await load_proxy_engines(settings.proxy, metrics=metrics))
     return engines
 
 
@@ -146,26 +108,45 @@ def _registered_models(
     ]
 
 
-class WorkerFatal(Exception):
-    """The worker cannot go on safely; the process should exit non-zero."""
+def compose_intake(
+    consumer: Consumer,
+    producer: Producer,
+    pipeline: Pipeline,
+    topics: Topics,
+    config: IntakeConfig,
+    *,
+    dlq_key: PublicKey,
+    dedupe_window: int = 10_000,
+    metrics: WorkerMetrics | None = None,
+    tracer: Tracer | None = None,
+) -> Intake:
+    """The intake and what it drives (publisher, record handler, observer), wired as the
+    worker wires them; the caller subscribes ``consumer`` with ``intake.rebalance_listener()``."""
+    publisher = Publisher(producer, topics, dlq_key, metrics=metrics)
+    handler = RecordHandler(pipeline, topics, publisher.publish_chunk, dedupe_window=dedupe_window)
+    observer = RecordObserver(topics, metrics, tracer if tracer is not None else Tracer())
+    return Intake(consumer, publisher, handler, observer, config, metrics=metrics)
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, kafka: Kafka | None = None) -> None:
         self.settings = settings
+        self.kafka: Kafka = kafka if kafka is not None else ClusterKafka(settings.kafka)
         self.signer = node_signer(settings)
         self.sealer = node_sealer(settings)
         self.engines: dict[str, Engine] = {}
         self.intake: Intake | None = None
         self.registrar: Registrar | None = None
-        self._heartbeats: asyncio.Task[None] | None = None
+        self.tee: TeeMode | None = None
         self.metrics = WorkerMetrics()
         self.health: HealthServer | None = None
         self.tracing: Tracing | None = None
         self.zkml: ZkmlModeHandler | None = None
-        self._producer: AIOKafkaProducer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
+        self.supervisor = Supervisor(on_failure=lambda _name: self.stop())
+        self._producer: Producer | None = None
+        self._consumer: Consumer | None = None
         self._stop_requested = False
+        self._draining: asyncio.Task[None] | None = None
 
     async def setup(self) -> None:
         s = self.settings
@@ -182,6 +163,9 @@ class Worker:
                         self.registrar is not None and self.registrar.published_recently()
                     ),
                     "consuming": lambda: self.intake is not None and not self._stop_requested,
+                    "background_tasks": lambda: (
+                        self.supervisor.healthy and (self.intake is None or self.intake.healthy)
+                    ),
                 },
             )
             await self.health.start()
@@ -191,13 +175,12 @@ class Worker:
         private = frozenset(s.private_models)
         if not private <= self.engines.keys():
             raise WorkerFatal("private_models names a model this worker does not serve")
-        self._producer = AIOKafkaProducer(**s.kafka.producer_kwargs())
+        self._producer = self.kafka.producer()
         await self._producer.start()
         address = await asyncio.to_thread(chain_address, s)
-        attestation = await node_attestation(
-            s, self.signer.node_id, self.sealer.public_key_hex, address
-        )
-        modes: dict[VerificationMode, ModeHandler] = {VerificationMode.TEE: TeeMode(attestation)}
+        attestation = await self._attest(address)
+        self.tee = TeeMode(attestation)
+        modes: dict[VerificationMode, ModeHandler] = {VerificationMode.TEE: self.tee}
         if s.zk.enabled:
             self.zkml = await self._zkml()
             modes[VerificationMode.ZKML] = self.zkml
@@ -222,12 +205,13 @@ class Worker:
         )
         # Registered before subscribing: the node serves nothing the network cannot know.
         await self.registrar.publish()
-        self._heartbeats = asyncio.create_task(self.registrar.run())
-        self._consumer = AIOKafkaConsumer(**s.kafka.consumer_kwargs(s.group_id))
-        publisher = Publisher(self._producer, s.topics, dlq_public_key(s), metrics=self.metrics)
-        self.intake = Intake(
+        self.supervisor.spawn("heartbeats", self.registrar.run(), may_return=True)
+        if attestation is not None:
+            self.supervisor.spawn("re-attestation", self._reattest(address))
+        self._consumer = self.kafka.consumer(s.group_id)
+        self.intake = compose_intake(
             self._consumer,
-            publisher,
+            self._producer,
             pipeline,
             s.topics,
             IntakeConfig(
@@ -236,25 +220,53 @@ class Worker:
                 commit_interval_s=s.commit_interval_ms / 1000,
                 drain_timeout_s=s.drain_timeout_s,
                 revoke_timeout_s=s.revoke_timeout_s,
-                dedupe_window=s.dedupe_window,
             ),
+            dlq_key=dlq_public_key(s),
+            dedupe_window=s.dedupe_window,
             metrics=self.metrics,
             tracer=self.tracing.tracer,
         )
         self._consumer.subscribe(
-            topics=[s.topics.infer(m) for m in self.engines],
-            listener=self.intake.rebalance_listener(),
+            [s.topics.infer(m) for m in self.engines], self.intake.rebalance_listener()
         )
         await self._consumer.start()
         if self._stop_requested:
             self.intake.stop()
         log.info("worker ready", extra={"node_id": self.signer.node_id, "models": s.models})
 
+    async def _attest(self, address: str) -> Attestation | None:
+        try:
+            return await node_attestation(
+                self.settings, self.signer.node_id, self.sealer.public_key_hex, address
+            )
+        except AttestationFatal as e:
+            raise WorkerFatal(str(e)) from e
+
+    async def _reattest(self, address: str) -> None:
+        """Fresh evidence every ``attestation.refresh_interval_s``, so verifiers' maximum
+        evidence age is never reached while the node runs. A failure keeps the old evidence
+        and is retried at the next tick (verifiers refuse it once it is too old)."""
+        assert self.registrar is not None and self.tee is not None
+        while True:
+            await asyncio.sleep(self.settings.attestation.refresh_interval_s)
+            try:
+                attestation = await node_attestation(
+                    self.settings, self.signer.node_id, self.sealer.public_key_hex, address
+                )
+            except AttestationFatal as e:
+                log.error("re-attestation failed", extra={"error_type": type(e).__name__})
+                continue
+            self.tee.update(attestation)
+            self.registrar.update_attestation(attestation)
+            await self.registrar.publish()
+            log.info("re-attested")
+
     async def _zkml(self) -> ZkmlModeHandler:
         """Prepare (or load from the cache) the circuits of the ONNX models, start the prover."""
         from worker.zkml import ZkConfigError, prepare_circuits, proof_publisher
 
         s = self.settings
+        assert self._producer is not None
         try:
             circuits = await prepare_circuits(
                 s.zk, open_cache(s.hub_dir, s.cache_dir, s.cache), list(self.engines), s.cache_dir
@@ -267,6 +279,7 @@ class Worker:
             proof_publisher(self._producer, s.topics),
             s.zk,
             metrics=self.metrics,
+            supervisor=self.supervisor,
         )
         handler.start()
         return handler
@@ -277,24 +290,35 @@ class Worker:
         await self.intake.run()
         if self.intake.fatal is not None:
             raise WorkerFatal("the worker failed; exiting for a restart") from self.intake.fatal
+        if not self.supervisor.healthy:
+            raise WorkerFatal(f"a background task died: {sorted(self.supervisor.failures)}")
 
     def stop(self) -> None:
+        """Stop gracefully (safe from a signal handler): announce ``draining`` first."""
+        if self._stop_requested:
+            return
         self._stop_requested = True
+        self.supervisor.shutting_down()
+        if self.registrar is not None and self._producer is not None:
+            self.registrar.stop()
+            self._draining = asyncio.get_running_loop().create_task(self._announce_draining())
         if self.intake is not None:
             self.intake.stop()
+
+    async def _announce_draining(self) -> None:
+        assert self.registrar is not None
+        try:
+            async with asyncio.timeout(_DRAINING_PUBLISH_TIMEOUT_S):
+                await self.registrar.publish("draining")
+        except Exception as e:
+            log.warning("draining status not published", extra={"error_type": type(e).__name__})
 
     async def close(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()  # leaves the group: partitions move at once
-        if self.registrar is not None:
-            self.registrar.stop()
-        if self._heartbeats is not None:
-            await self._heartbeats
-        if self.registrar is not None and self._producer is not None:
-            try:
-                await asyncio.wait_for(self.registrar.publish("draining"), 5.0)
-            except Exception as e:
-                log.warning("draining status not published", extra={"error_type": type(e).__name__})
+        if self._draining is not None:
+            await self._draining
+        await self.supervisor.stop()
         if self.zkml is not None:
             await self.zkml.close(drain_timeout_s=self.settings.drain_timeout_s)
         if self._producer is not None:

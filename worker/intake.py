@@ -1,27 +1,27 @@
 """Consumption with an in-flight window per partition and ordered commits.
 
 Why not faststream's subscriber: its ``max_workers`` gives concurrency across partitions only
-(or commits before processing). Here each partition keeps up to ``window`` requests in flight,
-they finish in any order (so a batching engine sees many at once), and the committed offset of
-a partition only ever advances over a contiguous run of answered offsets. A crash therefore
-re-delivers at most the window, never skips a request.
+(or commits before processing). Here each partition keeps up to ``window_per_partition``
+requests in flight, they finish in any order (so a batching engine sees many at once), and the
+committed offset of a partition only ever advances over a contiguous run of answered offsets.
 
-The window bounds how many requests of a partition *execute* at once. A request whose reply
-is waiting for the broker's acknowledgement has left the window (so produce latency does not
-idle the engine) but is still tracked, and its offset is not committable until acknowledged.
+The window bounds *uncommitted* offsets: a partition is paused while the span from its oldest
+unanswered offset to its newest admitted one is a full window, and records fetched beyond the
+window are handed back (the consumer seeks to the first of them), so a crash redelivers at
+most the window. A request stuck at the head is bounded by its deadline (the pipeline answers
+``deadline_exceeded`` or ``timeout``), so the partition always moves on. Every partition is
+paused when the process holds ``max_in_flight`` requests, and ``getmany`` never asks for more.
 
-Bounded memory: a partition is paused once it tracks two windows' worth of requests (one
-executing, one awaiting acks), every partition is paused when the process reaches
-``max_in_flight``, and ``getmany`` never asks for more records than that cap has room for.
+Per-record failures are never fatal: ``RecordHandler`` turns any record into an answer or a
+dead letter, and delivery problems that concern one record (its reply is too large, its reply
+topic does not exist) become a typed error or a dead letter. Only a broker that keeps failing
+past ``publish_attempts`` stops the worker, and only after dead-lettering the record failed
+too: if the DLQ accepts it, the broker works and the record was the problem, so it is
+dead-lettered and committed, and a restart never stops again on it.
 
 Lifecycle: ``run()`` until ``stop()``; then fetching stops, in-flight work drains within
-``drain_timeout_s``, finished offsets are committed, and the consumer leaves the group.
-
-Observability (optional, see ``worker.metrics`` and ``worker.tracing``): each request is counted
-once by outcome when its answer is acknowledged, with its queue wait, pipeline and end-to-end
-times; per-partition in-flight counts, pauses and consumer lag are sampled every
-``metrics_interval_s``. Each request runs in a trace (the request's ``traceparent``, or a new
-one) whose ids are bound to every log line written on its behalf and travel on its answer.
+``drain_timeout_s``, finished offsets are committed, and the consumer leaves the group. The
+commit loop and the metrics sampler are supervised: if one dies, the intake stops (non-zero).
 """
 
 from __future__ import annotations
@@ -29,50 +29,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import OrderedDict, deque
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition  # type: ignore[import-untyped]
-from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import-untyped]
-
-from infra.health import consumer_lag
-from schemas.codec import Decoded, decode
-from schemas.requests import InferenceRequest
-from schemas.results import ErrorCode, ErrorReply, StreamChunk
-from schemas.topics import HEADER_ATTEMPTS, Topics
-from worker.logs import bind_log_context
+from infra.kafka.ports import (
+    CommitFailed,
+    Consumer,
+    KafkaPortError,
+    MessageTooLarge,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+    UnknownTopic,
+)
+from infra.lifecycle import Supervisor
+from schemas.results import ErrorCode, ErrorReply
+from worker.handler import Action, DeadLetter, Duplicate, RecordHandler, Reply, attempts
 from worker.metrics import WorkerMetrics
-from worker.pipeline import Outcome, Pipeline
+from worker.observe import Job, RecordObserver
+from worker.pipeline import Outcome
 from worker.publish import Publisher
-from worker.tracing import RequestTrace, Tracer
 
-__all__ = ["Intake", "IntakeConfig"]
+__all__ = ["DeliveryFailed", "Intake", "IntakeConfig"]
 
 log = logging.getLogger(__name__)
 
 _FINAL_COMMIT_ATTEMPTS = 3
 _FINAL_COMMIT_BACKOFF_S = 0.2
+_FETCH_FAILURES_FATAL = 20
 
 
 @dataclass(frozen=True)
 class IntakeConfig:
     window_per_partition: int = 64
+    """Uncommitted offsets a partition may hold (executing or awaiting broker acks)."""
     max_in_flight: int = 256
     commit_interval_s: float = 0.1
     drain_timeout_s: float = 20.0
     revoke_timeout_s: float = 10.0
-    dedupe_window: int = 10_000
     metrics_interval_s: float = 1.0
     """How often per-partition gauges (in flight, paused, lag) are sampled (with metrics)."""
+    publish_attempts: int = 5
+    """Tries to publish one answer while the broker fails, before the worker gives up."""
+    publish_backoff_s: float = 0.5
+
+
+class DeliveryFailed(Exception):
+    """The broker refused an answer and its dead letter past the retry budget."""
 
 
 @dataclass
 class _Partition:
     """In-flight bookkeeping of one assigned partition."""
 
-    window: asyncio.Semaphore
     order: deque[int] = field(default_factory=deque)
     done: set[int] = field(default_factory=set)
     tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
@@ -88,84 +98,44 @@ class _Partition:
             self.committable = head + 1
 
 
-@dataclass(frozen=True)
-class _Reply:
-    outcome: Outcome
-    reply_to: str | None
-    remember_id: str | None = None
-    """Request id to remember for duplicate suppression once the reply is acknowledged."""
+class _Listener(RebalanceListener):
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
 
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._intake._on_revoked(revoked)
 
-@dataclass(frozen=True)
-class _DeadLetter:
-    reason: str
-
-
-@dataclass
-class _Job:
-    """What is known about one record while it is handled: labels for metrics and spans."""
-
-    model: str
-    """The model of the topic it arrived on (bounded: topics this worker subscribes to)."""
-    trace: RequestTrace
-    mode: str = "unknown"
-
-
-def _outcome(action: _Reply | _DeadLetter | None) -> str:
-    if action is None:
-        return "duplicate"
-    if isinstance(action, _DeadLetter):
-        return "dead_letter"
-    reply = action.outcome.reply
-    return reply.code.value if isinstance(reply, ErrorReply) else "result"
-
-
-def _since_s(timestamp_ms: int) -> float | None:
-    """Seconds since a record timestamp (None when the record has none)."""
-    return time.time() - timestamp_ms / 1000 if timestamp_ms > 0 else None
-
-
-def _attempts(headers: list[tuple[str, bytes]]) -> int:
-    """Earlier attempts recorded by a DLQ replay (``og-attempts``), 0 for a fresh message."""
-    for key, value in headers:
-        if key == HEADER_ATTEMPTS:
-            try:
-                return max(0, int(value))
-            except ValueError:
-                return 0
-    return 0
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._intake._on_assigned(assigned)
 
 
 class Intake:
     def __init__(
         self,
-        consumer: Any,
+        consumer: Consumer,
         publisher: Publisher,
-        pipeline: Pipeline,
-        topics: Topics,
+        handler: RecordHandler,
+        observer: RecordObserver,
         config: IntakeConfig,
         *,
         metrics: WorkerMetrics | None = None,
-        tracer: Tracer | None = None,
     ) -> None:
         self._consumer = consumer
         self._publisher = publisher
-        self._pipeline = pipeline
-        self._topics = topics
+        self._handler = handler
+        self._observer = observer
         self._config = config
+        self._metrics = metrics
         self._parts: dict[TopicPartition, _Partition] = {}
         self._in_flight = 0
+        self._running = 0
         self._progress = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._active_ids: set[str] = set()
+        self._supervisor = Supervisor(on_failure=lambda _name: self.stop())
         self.max_concurrency_seen = 0
         self.fatal: BaseException | None = None
-        """Set when the worker must exit non-zero (a publish failed): let the orchestrator
-        restart it, and the uncommitted request be redelivered."""
-        self._running = 0
-        self._metrics = metrics
-        self._tracer = tracer if tracer is not None else Tracer()
+        """Set when the worker must exit non-zero (the broker failed past the retry budget, a
+        supervised task died, or the engine died): a restart redelivers what is uncommitted."""
         if metrics is not None:
             metrics.track_intake(
                 lambda: self._in_flight,
@@ -176,69 +146,85 @@ class Intake:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def rebalance_listener(self) -> ConsumerRebalanceListener:
-        intake = self
+    def rebalance_listener(self) -> RebalanceListener:
+        return _Listener(self)
 
-        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                await intake._on_revoked(set(revoked))
-
-            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                intake._on_assigned(set(assigned))
-
-        return _Listener()
+    @property
+    def healthy(self) -> bool:
+        """False once a supervised helper task died (readiness)."""
+        return self._supervisor.healthy
 
     def stop(self) -> None:
         """Ask ``run`` to stop fetching and drain; safe to call from a signal handler."""
         self._stopping.set()
 
     async def run(self) -> None:
-        committer = asyncio.create_task(self._commit_loop())
-        sampler = asyncio.create_task(self._metrics_loop()) if self._metrics else None
+        self._supervisor.spawn("intake-commit", self._commit_loop())
+        if self._metrics is not None:
+            self._supervisor.spawn("intake-metrics", self._metrics_loop())
         try:
-            while not self._stopping.is_set():
-                self._progress.clear()
-                self._apply_backpressure()
-                fetch_timeout_ms = 100
-                if self._parts and all(p.paused for p in self._parts.values()):
-                    # Nothing can be fetched: wake as soon as a request finishes rather than
-                    # idling in getmany, then poll without waiting (keeps max_poll_interval).
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._progress.wait(), 0.1)
-                    self._apply_backpressure()
-                    fetch_timeout_ms = 0
-                room = self._config.max_in_flight - self._in_flight
-                batches = await self._consumer.getmany(
-                    timeout_ms=fetch_timeout_ms, max_records=max(room, 1)
-                )
-                for tp, records in batches.items():
-                    for record in records:
-                        self._admit(tp, record)
+            await self._fetch_loop()
         finally:
-            await self._drain()
-            for task in (committer, sampler):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            await self._finish(self._all_tasks(), self._config.drain_timeout_s)
+            await self._supervisor.stop()
+            if self._supervisor.failures and self.fatal is None:
+                self.fatal = RuntimeError(f"task died: {sorted(self._supervisor.failures)}")
             await self._commit(list(self._parts), attempts=_FINAL_COMMIT_ATTEMPTS)
+
+    async def _fetch_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            self._progress.clear()
+            self._apply_backpressure()
+            timeout_ms = 100
+            if self._parts and all(p.paused for p in self._parts.values()):
+                # Nothing can be fetched: wake as soon as a request finishes rather than
+                # idling in getmany, then poll without waiting (keeps max_poll_interval).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await self._progress.wait()
+                self._apply_backpressure()
+                timeout_ms = 0
+            room = self._config.max_in_flight - self._in_flight
+            try:
+                batches = await self._consumer.getmany(
+                    timeout_ms=timeout_ms, max_records=max(room, 1)
+                )
+            except KafkaPortError as e:
+                failures += 1
+                log.warning("fetch failed", extra={"error_type": type(e).__name__})
+                if failures >= _FETCH_FAILURES_FATAL:
+                    self.fatal = e
+                    return
+                await asyncio.sleep(min(0.1 * failures, 2.0))
+                continue
+            failures = 0
+            for tp, records in batches.items():
+                self._admit(tp, records)
 
     # -- window ------------------------------------------------------------------------------
 
-    def _admit(self, tp: TopicPartition, record: Any) -> None:
+    def _admit(self, tp: TopicPartition, records: Sequence[Record]) -> None:
         part = self._parts.get(tp)
-        if part is None:  # a record fetched just before its partition was revoked
+        if part is None:  # fetched just before its partition was revoked
             return
-        part.order.append(record.offset)
-        self._in_flight += 1
-        task = asyncio.create_task(self._process(tp, part, record))
-        part.tasks[record.offset] = task
+        room = max(0, self._config.window_per_partition - len(part.order))
+        for record in records[:room]:
+            part.order.append(record.offset)
+            self._in_flight += 1
+            part.tasks[record.offset] = asyncio.create_task(self._process(tp, part, record))
+        if len(records) > room:
+            # Beyond the window: hand them back; they are fetched again once there is room.
+            self._consumer.seek(tp, records[room].offset)
+            if not part.paused:
+                self._consumer.pause(tp)
+                part.paused = True
 
     def _apply_backpressure(self) -> None:
         global_full = self._in_flight >= self._config.max_in_flight
+        window = self._config.window_per_partition
         for tp, part in self._parts.items():
-            # Up to a window executing plus a window awaiting broker acks.
-            full = global_full or len(part.tasks) >= 2 * self._config.window_per_partition
+            full = global_full or len(part.order) >= window
             if full and not part.paused:
                 self._consumer.pause(tp)
                 part.paused = True
@@ -246,214 +232,122 @@ class Intake:
                 self._consumer.resume(tp)
                 part.paused = False
 
-    async def _process(self, tp: TopicPartition, part: _Partition, record: Any) -> None:
-        job = self._begin(tp, record)
-        # Replies, settlement records and dead letters carry the traceparent of our span.
-        headers = job.trace.headers
-        action: _Reply | _DeadLetter | None = None
+    async def _process(self, tp: TopicPartition, part: _Partition, record: Record) -> None:
+        job = self._observer.begin(record)
+        action: Action | None = None
         error: BaseException | None = None
         try:
-            # The window bounds execution; publishing (waiting for broker acks) happens after
-            # the slot is released, so produce latency does not idle the engine. The request
-            # still counts towards the partition's pause threshold until it is acknowledged.
-            async with part.window:
-                self._running += 1
-                self.max_concurrency_seen = max(self.max_concurrency_seen, self._running)
-                if self._metrics is not None:
-                    waited_s = _since_s(record.timestamp)
-                    if waited_s is not None:
-                        self._metrics.request_started(job.model, waited_s)
-                try:
-                    action = await self._decide(tp, record, headers, job)
-                finally:
-                    self._running -= 1
-            if action is not None:
+            self._running += 1
+            self.max_concurrency_seen = max(self.max_concurrency_seen, self._running)
+            self._observer.started(job)
+            try:
+                with job.trace.span("og.infer"):
+                    action = await self._handler.handle(record, job.headers)
+            finally:
+                self._running -= 1
+            if isinstance(action, Reply) and action.pipeline_s is not None:
+                self._observer.executed(job, action.pipeline_s)
+            if not isinstance(action, Duplicate):
                 with job.trace.span("og.publish", kind="PRODUCER"):
-                    await self._deliver(tp, record, headers, action)
+                    action = await self._deliver(record, job, action)
         except asyncio.CancelledError as e:
             # Abandoned on revocation or shutdown: not marked done, so never committed; the
             # next owner of the partition answers it.
             error = e
-            if self._metrics is not None:
-                self._metrics.request_abandoned(job.model)
+            if isinstance(action, Reply) and action.request_id is not None:
+                self._handler.release(action.request_id)
+            self._observer.abandoned(job)
             raise
-        except Exception as e:
-            # Publishing failed after retries inside the producer. Leave the offset uncommitted
-            # and stop: a restart redelivers it rather than this worker silently skipping it.
+        except DeliveryFailed as e:
+            # The broker is failing, not this record: leave the offset uncommitted and stop;
+            # a restart redelivers it.
             error = e
-            log.critical(
-                "publish failed; stopping for redelivery", extra={"error": type(e).__name__}
-            )
+            log.critical("broker failed past the retry budget; stopping")
             if self._metrics is not None:
                 self._metrics.publish_failed()
-            self.fatal = e
+            if self.fatal is None:
+                self.fatal = e
             self.stop()
         else:
             part.complete(record.offset)
-            if self._pipeline.fatal is not None and self.fatal is None:
-                # The engine is gone (answered, not committed past): exit for a restart.
+            engine_fatal = self._handler.fatal
+            if engine_fatal is not None and self.fatal is None:
+                # The engine is gone (this request was answered): exit for a restart.
                 log.critical("engine failed fatally; stopping")
-                self.fatal = self._pipeline.fatal
+                self.fatal = engine_fatal
                 self.stop()
-            outcome = _outcome(action)
-            if self._metrics is not None:
-                e2e_s = _since_s(record.timestamp) if action is not None else None
-                self._metrics.request_finished(job.model, job.mode, outcome, e2e_s)
-            job.trace.set(**{"og.outcome": outcome})
+            self._observer.finished(job, action)
         finally:
-            if isinstance(action, _Reply) and action.remember_id is not None:
-                self._active_ids.discard(action.remember_id)
             part.tasks.pop(record.offset, None)
             self._in_flight -= 1
             self._progress.set()
             job.trace.end(error)
 
-    def _begin(self, tp: TopicPartition, record: Any) -> _Job:
-        """Start the record's trace and bind its ids to this task's log lines."""
-        model = self._topics.model_of(tp.topic) or "unknown"
-        attributes = None
-        if self._tracer.recording:
-            attributes = {
-                "messaging.system": "kafka",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": tp.topic,
-                "messaging.destination.partition.id": str(tp.partition),
-                "messaging.kafka.offset": record.offset,
-                "og.model": model,
-            }
-        trace = self._tracer.begin(list(record.headers or ()), attributes=attributes)
-        bind_log_context(trace_id=trace.context.trace_id, span_id=trace.context.span_id)
-        return _Job(model, trace)
+    # -- delivery ----------------------------------------------------------------------------
 
-    async def _decide(
-        self, tp: TopicPartition, record: Any, headers: list[tuple[str, bytes]], job: _Job
-    ) -> _Reply | _DeadLetter | None:
-        """What to publish for one record (None: a duplicate, nothing to publish)."""
-        decoded = decode(record.value, InferenceRequest)
-        if not isinstance(decoded, Decoded):
-            if decoded.request_id is None:
-                return _DeadLetter(decoded.reason)
-            bind_log_context(request_id=decoded.request_id)
-            reply = self._pipeline.error(
-                decoded.request_id,
-                self._topics.model_of(tp.topic) or "",
-                ErrorCode.BAD_REQUEST,
-                decoded.reason,
-            )
-            return _Reply(Outcome(reply), self._allowed_reply_topic(decoded.reply_to))
-        request = decoded.message
-        job.mode = request.mode.value
-        bind_log_context(request_id=request.request_id)
-        job.trace.set(**{"og.request_id": request.request_id, "og.mode": job.mode})
-        if request.request_id in self._recent or request.request_id in self._active_ids:
-            # Answered already, or being answered now. If that answer fails to publish, the
-            # worker stops before committing past it, so this copy is redelivered: safe.
-            log.info("duplicate request dropped", extra={"request_id": request.request_id})
-            return None
-        # Held until the answer is acknowledged (released in ``_process``), or released now if
-        # answering is abandoned, so a later redelivery is not mistaken for a duplicate.
-        self._active_ids.add(request.request_id)
-        try:
-            return await self._answer(tp, request, decoded.document["payload"], headers, job)
-        except BaseException:
-            self._active_ids.discard(request.request_id)
-            raise
+    async def _deliver(self, record: Record, job: Job, action: Action) -> Action:
+        """Publish ``action``; returns what was finally published (a reply that could not be
+        delivered becomes a typed error or a dead letter). ``DeliveryFailed`` only when the
+        broker refused past the budget even the dead letter."""
+        failures = 0
+        while True:
+            try:
+                await self._publish(record, job, action)
+                if isinstance(action, Reply) and action.request_id is not None:
+                    self._handler.answered(action.request_id)
+                return action
+            except MessageTooLarge:
+                action = self._too_large(action)
+            except UnknownTopic:
+                if isinstance(action, DeadLetter):
+                    raise DeliveryFailed("the dead-letter topic does not exist") from None
+                action = DeadLetter("the reply topic does not exist")
+            except KafkaPortError as e:
+                failures += 1
+                log.warning(
+                    "publish failed",
+                    extra={"error_type": type(e).__name__, "attempt": failures},
+                )
+                if failures >= self._config.publish_attempts:
+                    if isinstance(action, DeadLetter):
+                        raise DeliveryFailed(type(e).__name__) from e
+                    action = DeadLetter("the answer could not be published")
+                    failures = 0
+                    continue
+                await asyncio.sleep(self._config.publish_backoff_s * failures)
+            except Exception as e:  # a bug of ours while publishing: never a crash loop
+                log.error("publishing failed", extra={"error_type": type(e).__name__})
+                if isinstance(action, DeadLetter):
+                    raise DeliveryFailed(type(e).__name__) from e
+                action = DeadLetter(f"internal error while publishing ({type(e).__name__})")
 
-    async def _answer(
-        self,
-        tp: TopicPartition,
-        request: InferenceRequest,
-        payload: Any,
-        headers: list[tuple[str, bytes]],
-        job: _Job,
-    ) -> _Reply:
-        reply_to = self._allowed_reply_topic(request.reply_to)
-        topic_model = self._topics.model_of(tp.topic)
-        if reply_to != request.reply_to:
-            error = (ErrorCode.BAD_REQUEST, "reply_to names an internal topic")
-        elif topic_model is not None and topic_model != request.model:
-            error = (
-                ErrorCode.UNKNOWN_MODEL,
-                f"request for another model arrived on the topic of {topic_model}",
-            )
-        else:
-            outcome = await self._run_pipeline(request, payload, reply_to, headers, job)
-            return _Reply(outcome, reply_to, request.request_id)
-        reply = self._pipeline.error(request.request_id, request.model, *error)
-        return _Reply(Outcome(reply), reply_to, request.request_id)
-
-    def _allowed_reply_topic(self, reply_to: str | None) -> str | None:
-        """The requested reply topic, or None (the shared one) when it names an internal
-        topic: a client must not make a worker write into settlement or the registry."""
-        if reply_to is not None and self._topics.is_internal(reply_to):
-            return None
-        return reply_to
-
-    async def _deliver(
-        self,
-        tp: TopicPartition,
-        record: Any,
-        headers: list[tuple[str, bytes]],
-        action: _Reply | _DeadLetter | None,
-    ) -> None:
-        if isinstance(action, _Reply):
-            await self._publisher.publish_outcome(action.outcome, action.reply_to, headers)
-            if action.remember_id is not None:
-                self._remember(action.remember_id)
-        elif isinstance(action, _DeadLetter):
+    async def _publish(self, record: Record, job: Job, action: Action) -> None:
+        if isinstance(action, Reply):
+            await self._publisher.publish_outcome(action.outcome, action.reply_to, job.headers)
+        elif isinstance(action, DeadLetter):
             await self._publisher.dead_letter(
                 record.value,
                 action.reason,
-                topic=tp.topic,
-                partition=tp.partition,
+                topic=record.topic,
+                partition=record.partition,
                 offset=record.offset,
-                attempts=_attempts(headers) + 1,
-                request_headers=headers,
+                attempts=attempts(record.headers or ()) + 1,
+                request_headers=job.headers,
             )
 
-    async def _run_pipeline(
-        self,
-        request: InferenceRequest,
-        payload: Any,
-        reply_to: str | None,
-        headers: list[tuple[str, bytes]],
-        job: _Job,
-    ) -> Outcome:
-        async def chunks(chunk: StreamChunk) -> None:
-            await self._publisher.publish_chunk(chunk, reply_to, headers)
-
-        started = time.perf_counter()
-        try:
-            with job.trace.span("og.infer"):
-                return await self._pipeline.handle(
-                    request, payload, chunks=chunks if request.stream else None
-                )
-        except Exception as e:
-            # A bug in our own code must still end in an answer, not a stalled partition. No
-            # traceback in the log: exception texts can echo request data.
-            log.error(
-                "pipeline failure",
-                extra={"request_id": request.request_id, "error_type": type(e).__name__},
+    def _too_large(self, action: Action) -> Action:
+        if isinstance(action, Reply) and not isinstance(action.outcome.reply, ErrorReply):
+            reply = action.outcome.reply
+            error = self._handler.error_for(
+                reply.request_id,
+                reply.envelope.model_id,
+                ErrorCode.OUTPUT_TOO_LARGE,
+                "the output is larger than the largest message this node may publish",
             )
-            return Outcome(
-                self._pipeline.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.INTERNAL,
-                    f"internal error ({type(e).__name__})",
-                    retryable=True,
-                )
-            )
-        finally:
-            if self._metrics is not None:
-                self._metrics.inference_done(job.model, time.perf_counter() - started)
-
-    def _remember(self, request_id: str) -> None:
-        if self._config.dedupe_window == 0:
-            return
-        self._recent[request_id] = None
-        if len(self._recent) > self._config.dedupe_window:
-            self._recent.popitem(last=False)
+            return Reply(Outcome(error), action.reply_to, action.request_id, action.mode)
+        if isinstance(action, Reply):
+            return DeadLetter("the error reply is larger than the largest message")
+        raise DeliveryFailed("a dead letter is larger than the largest message")
 
     # -- commits and rebalances --------------------------------------------------------------
 
@@ -463,9 +357,9 @@ class Intake:
             await asyncio.sleep(self._config.metrics_interval_s)
             tps = list(self._parts)
             try:
-                lags = await consumer_lag(self._consumer, tps)
-            except Exception as e:  # sampling must never take the intake down
-                log.warning("consumer lag not sampled", extra={"error": type(e).__name__})
+                lags = await self._consumer.lag(tps)
+            except KafkaPortError as e:  # sampling must never take the intake down
+                log.warning("consumer lag not sampled", extra={"error_type": type(e).__name__})
                 lags = {}
             for tp in tps:
                 part = self._parts.get(tp)
@@ -473,7 +367,7 @@ class Intake:
                     self._metrics.set_partition(
                         tp.topic,
                         tp.partition,
-                        in_flight=len(part.tasks),
+                        in_flight=len(part.order),
                         paused=part.paused,
                         lag=lags.get(tp),
                     )
@@ -500,9 +394,9 @@ class Intake:
                 return True
             try:
                 await self._consumer.commit(offsets)
-            except (CommitFailedError, KafkaError) as e:
+            except (CommitFailed, KafkaPortError) as e:
                 log.warning(
-                    "commit failed", extra={"error": type(e).__name__, "attempt": attempt + 1}
+                    "commit failed", extra={"error_type": type(e).__name__, "attempt": attempt + 1}
                 )
                 if attempt + 1 < attempts:
                     await asyncio.sleep(_FINAL_COMMIT_BACKOFF_S * (attempt + 1))
@@ -515,9 +409,7 @@ class Intake:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
-            self._parts[tp] = _Partition(
-                window=asyncio.Semaphore(self._config.window_per_partition)
-            )
+            self._parts[tp] = _Partition()
         log.info("partitions assigned", extra={"partitions": sorted(str(tp) for tp in assigned)})
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -533,16 +425,17 @@ class Intake:
             if self._metrics is not None:
                 self._metrics.forget_partition(tp.topic, tp.partition)
 
-    async def _drain(self) -> None:
-        tasks = [task for part in self._parts.values() for task in part.tasks.values()]
-        await self._finish(tasks, self._config.drain_timeout_s)
+    def _all_tasks(self) -> list[asyncio.Task[None]]:
+        return [task for part in self._parts.values() for task in part.tasks.values()]
 
     @staticmethod
     async def _finish(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+        """Let ``tasks`` finish within ``timeout_s``, then cancel the rest and give them a
+        bounded moment to unwind (a task that ignores cancellation cannot hang shutdown)."""
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            await asyncio.wait(pending, timeout=max(1.0, timeout_s / 4))

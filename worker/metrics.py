@@ -65,11 +65,12 @@ _LATENCY_BUCKETS_S = (
 )
 _MAX_CACHED_CHILDREN = 4096
 _LOAD_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _PROOF_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class CacheEventLike(Protocol):
-    """What ``on_cache_event`` reads from a cache event (``worker.models.stats.CacheEvent``)."""
+    """What ``on_cache_event`` reads from a cache event (``worker.modelstore.stats.CacheEvent``)."""
 
     @property
     def kind(self) -> str: ...
@@ -229,6 +230,13 @@ class WorkerMetrics:
             buckets=_LOAD_BUCKETS_S,
             registry=r,
         )
+        self.engine_batch = Histogram(
+            "og_worker_engine_batch_requests",
+            "Requests a batching engine (vLLM) ran together, observed once per engine step.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.models_loaded = Gauge(
             "og_worker_model_loaded",
             "1 for each model this worker serves now.",
@@ -383,10 +391,11 @@ class WorkerMetrics:
     def cache_discarded_corrupt(self) -> None:
         self.cache_corrupt.inc()
 
-    def set_cache_size(self, size_bytes: int, budget_bytes: int | None = None) -> None:
+    def set_cache_size(self, size_bytes: int) -> None:
         self.cache_size.set(size_bytes)
-        if budget_bytes is not None:
-            self.cache_budget.set(budget_bytes)
+
+    def set_cache_budget(self, budget_bytes: int) -> None:
+        self.cache_budget.set(budget_bytes)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         m = self._model(model)
@@ -396,8 +405,15 @@ class WorkerMetrics:
     def model_unloaded(self, model: str) -> None:
         self.models_loaded.labels(self._model(model)).set(0)
 
+    def engine_step(self, model: str, running_requests: int) -> None:
+        """One engine step ran ``running_requests`` together (``VLLMEngine.observe_batches``)."""
+        child = self._children.get(("batch", model))
+        if child is None:
+            child = self._cached(("batch", model), self.engine_batch.labels(self._model(model)))
+        child.observe(running_requests)
+
     def on_cache_event(self, event: CacheEventLike) -> None:
-        """A ``worker.models.stats.CacheListener``: maps the cache's events to metrics.
+        """A ``worker.modelstore.stats.CacheListener``: maps the cache's events to metrics.
 
         Disk events (hit, miss, corrupt, evict) are the shared volume; ``load``/``unload``
         are the in-memory LRU of loaded engines."""
@@ -416,6 +432,8 @@ class WorkerMetrics:
         elif kind == "unload":
             self.cache_evicted("memory")
             self.model_unloaded(event.model)
+        elif kind == "usage":
+            self.set_cache_size(event.size_bytes)
 
     # -- LLM proxy ---------------------------------------------------------------------------
 

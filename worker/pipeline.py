@@ -28,11 +28,11 @@ from schemas.results import (
     output_hash,
 )
 from schemas.sealed import SealedInput
+from schemas.sealing import BadCiphertext, BadPlaintext, NodeSealer, NotARecipient
 from schemas.settlement import SettlementRecord
+from schemas.signing import Signer
 from worker.engines.base import Delta, Engine, EngineResult, RunContext
 from worker.errors import PermanentError, RetryableError, WorkerError
-from worker.trust.sealing import BadCiphertext, BadPlaintext, NodeSealer, NotARecipient
-from worker.trust.signer import Signer
 
 __all__ = ["ChunkSink", "ModeHandler", "Outcome", "Pipeline"]
 

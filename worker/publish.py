@@ -6,21 +6,25 @@ settlement record (acks=all), which is what lets intake commit the request's off
 Trace context: every message published for a request carries the request's ``traceparent``
 (intake replaces it with one naming the worker's span), so the reply, the settlement record and
 a dead letter all join the request's trace.
+
+Failures are the producer port's exceptions (``infra.kafka.ports``); what to do about them is
+the intake's decision (``worker.intake``): a reply too large or a reply topic that does not
+exist concern one record, a broker that does not answer concerns the whole worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from nacl.public import PublicKey, SealedBox
 
+from infra.kafka.ports import Headers, MessageTooLarge, Producer
 from schemas import topics as t
 from schemas.codec import encode
+from schemas.dlq import MAX_DLQ_COPY_BYTES, DlqEntry
 from schemas.results import StreamChunk
 from schemas.topics import Topics
 from schemas.version import SCHEMA_VERSION
@@ -29,18 +33,19 @@ from worker.pipeline import Outcome
 
 __all__ = ["Publisher"]
 
-Headers = list[tuple[str, bytes]]
-MAX_DLQ_COPY_BYTES = 400_000
+_HEADROOM_BYTES = 1024
+"""Room for headers and the record batch framing beside a reply's value and key."""
+_SCHEMA_HEADER = (t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())
 
 
-def _trace_headers(headers: Sequence[tuple[str, bytes]]) -> Headers:
+def _trace_headers(headers: Headers) -> list[tuple[str, bytes | None]]:
     return [(k, v) for k, v in headers if k == t.HEADER_TRACEPARENT]
 
 
 class Publisher:
     def __init__(
         self,
-        producer: Any,
+        producer: Producer,
         topics: Topics,
         dlq_key: PublicKey,
         *,
@@ -51,22 +56,28 @@ class Publisher:
         self._dlq_box = SealedBox(dlq_key)
         self._metrics = metrics
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self._producer.max_message_bytes
+
     async def publish_outcome(
-        self, outcome: Outcome, reply_to: str | None, request_headers: Sequence[tuple[str, bytes]]
+        self, outcome: Outcome, reply_to: str | None, request_headers: Headers
     ) -> None:
-        headers = [
-            (t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode()),
-            *_trace_headers(request_headers),
-        ]
+        headers = [_SCHEMA_HEADER, *_trace_headers(request_headers)]
         key = outcome.reply.request_id.encode()
+        reply = encode(outcome.reply)
+        if len(reply) + len(key) + _HEADROOM_BYTES > self._producer.max_message_bytes:
+            # Checked before anything is sent: a settlement record must never be booked for
+            # a result its client cannot receive.
+            raise MessageTooLarge("reply")
         started = time.perf_counter()
-        sends = [
+        acks = [
             await self._producer.send(
-                reply_to or self._topics.replies, encode(outcome.reply), key=key, headers=headers
+                reply_to or self._topics.replies, reply, key=key, headers=headers
             )
         ]
         if outcome.record is not None:
-            sends.append(
+            acks.append(
                 await self._producer.send(
                     self._topics.settlement,
                     encode(outcome.record),
@@ -74,15 +85,12 @@ class Publisher:
                     headers=headers,
                 )
             )
-        await asyncio.gather(*sends)
+        await asyncio.gather(*acks)
         if self._metrics is not None:
             self._metrics.message_published("reply", time.perf_counter() - started)
 
     async def publish_chunk(
-        self,
-        chunk: StreamChunk,
-        reply_to: str | None,
-        request_headers: Sequence[tuple[str, bytes]],
+        self, chunk: StreamChunk, reply_to: str | None, request_headers: Headers
     ) -> None:
         """Queue one stream chunk without waiting for its acknowledgement.
 
@@ -90,10 +98,7 @@ class Publisher:
         partition in send order; the final reply is acknowledged only after the chunks before
         it. A lost chunk costs nothing that matters: the signed result carries the whole output.
         """
-        headers = [
-            (t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode()),
-            *_trace_headers(request_headers),
-        ]
+        headers = [_SCHEMA_HEADER, *_trace_headers(request_headers)]
         await self._producer.send(
             reply_to or self._topics.replies,
             encode(chunk),
@@ -112,44 +117,32 @@ class Publisher:
         partition: int,
         offset: int,
         attempts: int,
-        request_headers: Sequence[tuple[str, bytes]] = (),
+        request_headers: Sequence[tuple[str, bytes | None]] = (),
     ) -> None:
-        """Dead-letter a message that cannot be answered.
-
-        The original bytes may hold a prompt, so they travel sealed to the operator's DLQ key
-        (X25519 sealed box): the DLQ never holds user data in clear, yet nothing is lost and
-        the operator can open and replay the entry.
-        """
+        """Dead-letter a message that cannot be answered (see ``schemas.dlq``)."""
         body = raw or b""
-        # The sealed copy is hex (twice the size): copying a message near the 1 MB limit would
-        # make the DLQ entry itself too large to produce. Such entries keep the hash and the
-        # original's coordinates; the original stays on its topic (within retention).
         copied = len(body) <= MAX_DLQ_COPY_BYTES
-        entry = {
-            "schema_version": SCHEMA_VERSION,
-            "type": "dlq_entry",
-            "reason": reason,
-            "original_topic": topic,
-            "original_partition": partition,
-            "original_offset": offset,
-            "attempts": attempts,
-            "size_bytes": len(body),
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "sealed_payload_hex": self._dlq_box.encrypt(body).hex() if copied else None,
-            "dead_lettered_unix_ms": time.time_ns() // 1_000_000,
-        }
+        entry = DlqEntry(
+            reason=reason[:512],
+            original_topic=topic,
+            original_partition=partition,
+            original_offset=offset,
+            attempts=max(1, attempts),
+            size_bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            sealed_payload_hex=self._dlq_box.encrypt(body).hex() if copied else None,
+            dead_lettered_unix_ms=time.time_ns() // 1_000_000,
+        )
         headers = [
-            (t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode()),
-            (t.HEADER_REASON, reason.encode()[:512]),
+            _SCHEMA_HEADER,
+            (t.HEADER_REASON, entry.reason.encode()),
             (t.HEADER_ORIGINAL_TOPIC, topic.encode()),
             (t.HEADER_ORIGINAL_PARTITION, str(partition).encode()),
             (t.HEADER_ORIGINAL_OFFSET, str(offset).encode()),
-            (t.HEADER_ATTEMPTS, str(attempts).encode()),
+            (t.HEADER_ATTEMPTS, str(entry.attempts).encode()),
             *_trace_headers(request_headers),
         ]
         started = time.perf_counter()
-        await self._producer.send_and_wait(
-            self._topics.dlq, json.dumps(entry).encode(), key=None, headers=headers
-        )
+        await self._producer.send_and_wait(self._topics.dlq, encode(entry), headers=headers)
         if self._metrics is not None:
             self._metrics.message_published("dead_letter", time.perf_counter() - started)

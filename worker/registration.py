@@ -13,12 +13,13 @@ keeps answering, and readiness (``published_recently``) turns false so an orches
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
+from infra.kafka.ports import Producer
 from schemas.attestation import Attestation
 from schemas.codec import encode
 from schemas.registry import (
@@ -29,9 +30,9 @@ from schemas.registry import (
     RegistrationRecord,
     registration_key,
 )
+from schemas.signing import Signer
 from schemas.topics import HEADER_SCHEMA_VERSION
 from schemas.version import SCHEMA_VERSION
-from worker.trust.signer import Signer
 
 __all__ = ["Registrar", "software_version"]
 
@@ -52,7 +53,7 @@ def software_version() -> str:
 class Registrar:
     def __init__(
         self,
-        producer: Any,
+        producer: Producer,
         topic: str,
         signer: Signer,
         *,
@@ -92,6 +93,10 @@ class Registrar:
         last = self.last_published_ms
         return last is not None and self._clock_ms() - last <= 2 * self._interval_s * 1000
 
+    def update_attestation(self, attestation: Attestation | None) -> None:
+        """New evidence (re-attestation); published with the next heartbeat."""
+        self._registration = self._registration.model_copy(update={"attestation": attestation})
+
     async def publish(self, status: NodeStatus = "active") -> None:
         """Publish the registration with a fresh heartbeat; returns once acknowledged."""
         self._registration = self._registration.model_copy(
@@ -112,10 +117,9 @@ class Registrar:
     async def run(self) -> None:
         """Heartbeat until ``stop()``."""
         while not self._stopped.is_set():
-            try:
-                await asyncio.wait_for(self._stopped.wait(), self._interval_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await self._stopped.wait()
             if self._stopped.is_set():
                 return
             try:

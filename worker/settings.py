@@ -11,10 +11,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka import KafkaSettings
+from infra.tracing import TracingSettings
 from schemas.topics import DEFAULT_NAMESPACE, Topics
-from worker.models.settings import CacheSettings
+from worker.modelstore.settings import CacheSettings
 from worker.proxy.settings import ProxySettings
-from worker.tracing import TracingSettings
 from worker.trust.attestation.settings import AttestationSettings
 from worker.zkml.settings import ZkSettings
 

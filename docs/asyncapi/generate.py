@@ -36,9 +36,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from infra.topics import standard_topics
 from schemas import topics as t
 from schemas.jsonschema import all_schemas
+from schemas.topics import standard_topics
 from schemas.version import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ class Channel:
     headers: str
     parameters: dict[str, Any] = field(default_factory=dict)
     topic_spec: str | None = None
-    """Which ``infra.topics.standard_topics`` entry gives partitions and configs."""
+    """Which ``infra.kafka.admin.standard_topics`` entry gives partitions and configs."""
     extra_messages: tuple[str, ...] = ()
 
 

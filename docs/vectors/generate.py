@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from client.sealing import seal_request
 from schemas import (
     ChatInput,
     ChatMessage,
@@ -38,8 +37,8 @@ from schemas.registry import (
 )
 from schemas.requests import FunctionCall, FunctionSpec, Tool, ToolCall
 from schemas.results import SealedResult
-from worker.trust.sealing import NodeSealer
-from worker.trust.signer import Signer
+from schemas.sealing import NodeSealer, seal_request
+from schemas.signing import Signer
 
 SEED = bytes(range(32))
 DIGEST = "ab" * 32

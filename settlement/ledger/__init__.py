@@ -12,31 +12,37 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from settlement.ledger.base import (
+    Accepted,
     BatchConflictError,
     BatchMember,
     BatchNotFoundError,
     BatchRow,
     BatchStatus,
+    Leaf,
     Ledger,
     LedgerError,
+    Origin,
     ProofEntry,
-    RejectedInput,
+    Rejection,
     StoredRecord,
 )
 from settlement.ledger.postgres import PostgresLedger
 from settlement.ledger.sqlite import SqliteLedger
 
 __all__ = [
+    "Accepted",
     "BatchConflictError",
     "BatchMember",
     "BatchNotFoundError",
     "BatchRow",
     "BatchStatus",
+    "Leaf",
     "Ledger",
     "LedgerError",
+    "Origin",
     "PostgresLedger",
     "ProofEntry",
-    "RejectedInput",
+    "Rejection",
     "SqliteLedger",
     "StoredRecord",
     "open_ledger",

@@ -17,30 +17,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
 
+from schemas.merkle import envelope_leaf
+from schemas.proofs import ProofRecord
 from schemas.results import ResultEnvelope
 from schemas.settlement import SettlementRecord
-from settlement.ledger.proofs import ProofEntry
-from settlement.verify import Rejected
+from schemas.verify.record import Rejected
 
 __all__ = [
     "RECORD_COLUMNS",
+    "Accepted",
     "BatchConflictError",
     "BatchMember",
     "BatchNotFoundError",
     "BatchRow",
     "BatchStatus",
+    "Leaf",
     "Ledger",
     "LedgerError",
+    "Origin",
     "ProofEntry",
-    "RejectedInput",
+    "Rejection",
     "StoredRecord",
+    "batch_row",
+    "check_members",
+    "record_row",
+    "rejection_row",
+    "stored_record",
 ]
-
-RejectedInput: TypeAlias = tuple[Rejected, bytes | None, str, int, int]
-"""A rejection as the service hands it over: (outcome, raw value, topic, partition, offset)."""
-
-BatchMember: TypeAlias = tuple[str, str, int, str]
-"""(request_id, node_id, leaf_index, leaf_hash_hex): one record's place in a batch's tree."""
 
 BatchStatus: TypeAlias = Literal["built", "anchored"]
 
@@ -60,6 +63,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "envelope_json",
     "received_unix_ms",
     "origin",
+    "leaf_hash",
 )
 """Columns written by ``store``, in the order of ``record_row``; both backends share them."""
 
@@ -75,6 +79,75 @@ BATCH_COLUMNS: tuple[str, ...] = (
     "batch_index",
     "anchored_unix_ms",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message came from: its topic, partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+    @classmethod
+    def parse(cls, text: str) -> Origin:
+        topic, partition, offset = text.rsplit("/", 2)
+        return cls(topic, int(partition), int(offset))
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A verified record as the service hands it to the ledger."""
+
+    record: SettlementRecord
+    origin: Origin | None = None
+    """None: a record from no message (tools, tests); it is never taken for a replay."""
+    leaf_hash: str | None = None
+    """``0x`` hex of its Merkle leaf when the caller computed it already (else computed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A rejected message as the service hands it over: why, its bytes (only their hash is
+    stored) and where it came from."""
+
+    outcome: Rejected
+    raw: bytes | None
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMember:
+    """One record's place in a batch's tree."""
+
+    request_id: str
+    node_id: str
+    leaf_index: int
+    leaf_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """An unbatched record's key and Merkle leaf (``0x`` hex), as the batcher needs it."""
+
+    request_id: str
+    node_id: str
+    leaf_hash: str
+
+
+@dataclass(frozen=True)
+class ProofEntry:
+    """A proof record signed by its node, as the service hands it to the ledger: ``verified``
+    (every check passed; the ledger links it to the result) or ``rejected`` with a reason."""
+
+    record: ProofRecord
+    status: Literal["verified", "rejected"]
+    reason: str | None = None
+    origin: Origin | None = None
+    """Where the proof record came from."""
 
 
 class LedgerError(Exception):
@@ -122,19 +195,19 @@ class Ledger(Protocol):
 
     def store(
         self,
-        accepted: Sequence[SettlementRecord],
-        rejected: Sequence[RejectedInput],
-        origins: Sequence[str] | None = None,
+        accepted: Sequence[Accepted],
+        rejected: Sequence[Rejection] = (),
         proofs: Sequence[ProofEntry] = (),
     ) -> int:
         """Store records, rejections and proofs in one transaction; return how many records
         were new.
 
-        ``origins`` (``"topic/partition/offset"`` per accepted record) tells a redelivery of
-        the same message (a no-op) from a *replay*: the same (request, node) arriving in
-        another message, which is stored as a ``replay`` rejection. Rejections of the same
-        topic, partition and offset are stored once. ``proofs`` are stored after the records
-        (so a proof and its result in one batch link up): see ``settlement.ledger.proofs``."""
+        A record's origin tells a redelivery of the same message (a no-op) from a *replay*:
+        the same (request, node) arriving in another message, which is stored as a ``replay``
+        rejection. Rejections of the same origin are stored once. Each record's Merkle leaf is
+        stored with it, so batching never re-reads an envelope. ``proofs`` are stored after the
+        records (so a proof and its result in one batch link up): see
+        ``settlement.ledger.proofs``."""
         ...
 
     def proofs(self, request_id: str) -> list[dict[str, Any]]:
@@ -157,7 +230,7 @@ class Ledger(Protocol):
         """Per (payer, model_id): requests, input_tokens, output_tokens; one payer or all."""
         ...
 
-    def unbatched(self, limit: int) -> list[StoredRecord]:
+    def unbatched(self, limit: int) -> list[Leaf]:
         """Up to ``limit`` records not in any batch, oldest (first stored) first."""
         ...
 
@@ -201,8 +274,10 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
-def record_row(record: SettlementRecord, now_ms: int, origin: str | None = None) -> tuple[Any, ...]:
+def record_row(item: Accepted, now_ms: int) -> tuple[Any, ...]:
+    record = item.record
     e = record.envelope
+    leaf = item.leaf_hash or "0x" + envelope_leaf(e).hex()
     return (
         e.request_id,
         e.node_id,
@@ -218,22 +293,23 @@ def record_row(record: SettlementRecord, now_ms: int, origin: str | None = None)
         record.signature,
         e.model_dump_json(),
         now_ms,
-        origin,
+        None if item.origin is None else str(item.origin),
+        leaf,
     )
 
 
-def rejection_row(item: RejectedInput, now_ms: int) -> tuple[Any, ...]:
-    rej, raw, topic, partition, offset = item
-    digest = hashlib.sha256(raw or b"").hexdigest()
+def rejection_row(item: Rejection, now_ms: int) -> tuple[Any, ...]:
+    rej, origin = item.outcome, item.origin
+    digest = hashlib.sha256(item.raw or b"").hexdigest()
     return (
         rej.reason,
         rej.detail,
         rej.request_id,
         rej.node_id,
         digest,
-        topic,
-        partition,
-        offset,
+        origin.topic,
+        origin.partition,
+        origin.offset,
         now_ms,
     )
 
@@ -257,7 +333,7 @@ def check_members(members: Sequence[BatchMember]) -> None:
     """Refuse an empty batch or one naming a record or leaf index twice (before any write)."""
     if not members:
         raise BatchConflictError("a batch needs at least one member")
-    keys = {(m[0], m[1]) for m in members}
-    indices = {m[2] for m in members}
+    keys = {(m.request_id, m.node_id) for m in members}
+    indices = {m.leaf_index for m in members}
     if len(keys) != len(members) or len(indices) != len(members):
         raise BatchConflictError("a batch names a record or a leaf index twice")

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from schemas.proofs import ProofRecord
+from settlement.ledger.base import ProofEntry
 
-__all__ = ["PROOF_COLUMNS", "ProofEntry", "link_pending_proofs", "store_proofs"]
+__all__ = ["PROOF_COLUMNS", "link_pending_proofs", "store_proofs"]
 
 ProofStatus = Literal["verified", "pending", "rejected"]
 
@@ -54,18 +53,6 @@ _MATCH = (
 _KEY = "r.request_id = proofs.request_id AND r.node_id = proofs.node_id"
 
 
-@dataclass(frozen=True)
-class ProofEntry:
-    """A proof record signed by its node, as the service hands it to the ledger: ``verified``
-    (every check passed; the ledger links it to the result) or ``rejected`` with a reason."""
-
-    record: ProofRecord
-    status: Literal["verified", "rejected"]
-    reason: str | None = None
-    origin: str | None = None
-    """``topic/partition/offset`` of the message."""
-
-
 def _row(
     entry: ProofEntry, status: ProofStatus, reason: str | None, now_ms: int
 ) -> tuple[Any, ...]:
@@ -85,7 +72,7 @@ def _row(
         reason,
         c.signed_unix_ms,
         now_ms,
-        entry.origin,
+        None if entry.origin is None else str(entry.origin),
     )
 
 

@@ -14,16 +14,21 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
-from schemas.settlement import SettlementRecord
+from schemas.merkle import envelope_leaf
+from schemas.results import ResultEnvelope
+from schemas.verify.record import Rejected
 from settlement.ledger.base import (
     BATCH_COLUMNS,
     RECORD_COLUMNS,
+    Accepted,
     BatchConflictError,
     BatchMember,
     BatchNotFoundError,
     BatchRow,
+    Leaf,
     LedgerError,
-    RejectedInput,
+    ProofEntry,
+    Rejection,
     StoredRecord,
     batch_row,
     check_members,
@@ -31,21 +36,19 @@ from settlement.ledger.base import (
     rejection_row,
     stored_record,
 )
-from settlement.ledger.proofs import (
-    PROOF_COLUMNS,
-    ProofEntry,
-    link_pending_proofs,
-    store_proofs,
-)
-from settlement.verify import Rejected
+from settlement.ledger.proofs import PROOF_COLUMNS, link_pending_proofs, store_proofs
 
-__all__ = ["SqlLedger"]
+__all__ = ["SqlLedger", "now_ms"]
 
-_GET_COLUMNS = ", ".join((*RECORD_COLUMNS, "batch_id", "leaf_index", "leaf_hash"))
+_GET_COLUMNS = ", ".join((*RECORD_COLUMNS, "batch_id", "leaf_index"))
 _BATCH_SELECT = ", ".join(f"b.{c}" for c in BATCH_COLUMNS)
 _STORED = "r.request_id, r.node_id, r.envelope_json, r.received_unix_ms"
 # The f-strings in SQL below (noqa: S608) splice only these module constants and the backend's
 # order column; every value goes through a bound parameter.
+
+
+def parse_envelope(text: str) -> ResultEnvelope:
+    return ResultEnvelope.model_validate_json(text)
 
 
 def now_ms() -> int:
@@ -94,17 +97,14 @@ class SqlLedger:
 
     def store(
         self,
-        accepted: Sequence[SettlementRecord],
-        rejected: Sequence[RejectedInput],
-        origins: Sequence[str] | None = None,
+        accepted: Sequence[Accepted],
+        rejected: Sequence[Rejection] = (),
         proofs: Sequence[ProofEntry] = (),
     ) -> int:
         now = now_ms()
-        if origins is not None and len(origins) != len(accepted):
-            raise ValueError("one origin per accepted record")
         with self._lock, self._transaction() as cur:
-            fresh, replays = self._split_replays(cur, accepted, origins)
-            rows = [record_row(r, now, o) for r, o in fresh]
+            fresh, replays = self._split_replays(cur, accepted)
+            rows = [record_row(item, now) for item in fresh]
             inserted = self._insert_records(cur, rows) if rows else 0
             if inserted:
                 link_pending_proofs(cur)
@@ -123,17 +123,12 @@ class SqlLedger:
         return inserted
 
     def _split_replays(
-        self,
-        cur: Any,
-        accepted: Sequence[SettlementRecord],
-        origins: Sequence[str] | None,
-    ) -> tuple[list[tuple[SettlementRecord, str | None]], list[RejectedInput]]:
+        self, cur: Any, accepted: Sequence[Accepted]
+    ) -> tuple[list[Accepted], list[Rejection]]:
         """Records to insert, and replays: a (request, node) already stored (or earlier in
-        this batch) from a different origin. Without origins nothing is a replay."""
-        if origins is None:
-            return [(r, None) for r in accepted], []
+        this batch) from a different origin. A record without an origin is never a replay."""
         seen: dict[tuple[str, str], str | None] = {}
-        request_ids = sorted({r.envelope.request_id for r in accepted})
+        request_ids = sorted({a.record.envelope.request_id for a in accepted if a.origin})
         for start in range(0, len(request_ids), 500):
             chunk = request_ids[start : start + 500]
             cur.execute(
@@ -144,18 +139,18 @@ class SqlLedger:
                 chunk,
             )
             seen.update({(rid, nid): origin for rid, nid, origin in cur.fetchall()})
-        fresh: list[tuple[SettlementRecord, str | None]] = []
-        replays: list[RejectedInput] = []
-        for record, origin in zip(accepted, origins, strict=True):
-            key = (record.envelope.request_id, record.envelope.node_id)
+        fresh: list[Accepted] = []
+        replays: list[Rejection] = []
+        for item in accepted:
+            key = (item.record.envelope.request_id, item.record.envelope.node_id)
+            origin = None if item.origin is None else str(item.origin)
             if key not in seen:
                 seen[key] = origin
-                fresh.append((record, origin))
-            elif seen[key] not in (None, origin):
-                topic, partition, offset = origin.rsplit("/", 2)
+                fresh.append(item)
+            elif item.origin is not None and seen[key] not in (None, origin):
                 rejection = Rejected("replay", "already settled from another message", *key)
-                raw = record.model_dump_json().encode()
-                replays.append((rejection, raw, topic, int(partition), int(offset)))
+                raw = item.record.model_dump_json().encode()
+                replays.append(Rejection(rejection, raw, item.origin))
         return fresh, replays
 
     def count(self) -> int:
@@ -218,13 +213,17 @@ class SqlLedger:
     _ORDER: ClassVar[str] = "rowid"
     """Column holding insertion order: SQLite's implicit rowid, PostgreSQL's ``seq``."""
 
-    def unbatched(self, limit: int) -> list[StoredRecord]:
+    def unbatched(self, limit: int) -> list[Leaf]:
         rows = self._query(
-            f"SELECT {_STORED} FROM records r WHERE r.batch_id IS NULL"  # noqa: S608
-            f" ORDER BY r.{self._ORDER} LIMIT ?",
+            "SELECT r.request_id, r.node_id, r.leaf_hash, r.envelope_json"  # noqa: S608
+            f" FROM records r WHERE r.batch_id IS NULL ORDER BY r.{self._ORDER} LIMIT ?",
             (limit,),
         )
-        return [stored_record(*row) for row in rows]
+        return [
+            # Rows stored before leaves were kept at insert (ledger v4) compute it here.
+            Leaf(rid, nid, leaf or "0x" + envelope_leaf(parse_envelope(envelope)).hex())
+            for rid, nid, leaf, envelope in rows
+        ]
 
     def oldest_unbatched_unix_ms(self) -> int | None:
         ((oldest,),) = self._query(
@@ -253,7 +252,10 @@ class SqlLedger:
                         "UPDATE records SET batch_id = ?, leaf_index = ?, leaf_hash = ?"
                         " WHERE request_id = ? AND node_id = ? AND batch_id IS NULL"
                     ),
-                    [(batch_id, i, leaf, rid, nid) for rid, nid, i, leaf in members],
+                    [
+                        (batch_id, m.leaf_index, m.leaf_hash, m.request_id, m.node_id)
+                        for m in members
+                    ],
                 )
                 if cur.rowcount != len(members):
                     raise BatchConflictError(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.broker import free_port, kafka_api_versions_ok
+from infra.dev.broker import free_port, kafka_api_versions_ok
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka]
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.broker import BrokerProcess
-from infra.topics import ensure_topics, standard_topics
+from infra.dev.broker import BrokerProcess
+from infra.kafka.admin import ensure_topics
+from schemas.topics import standard_topics
 from settlement.app import SettlementService
 from settlement.settings import SettlementSettings
-from tests.support import fast_kafka
+from tests.harness.support import fast_kafka
 from worker.app import Worker
 from worker.settings import WorkerSettings
 

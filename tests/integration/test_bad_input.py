@@ -11,7 +11,8 @@ from aiokafka import AIOKafkaProducer
 from nacl.public import PrivateKey, SealedBox
 
 from client import InferenceClient, build_request
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
+from infra.kafka.client import ClusterKafka
 from schemas import (
     ErrorCode,
     ErrorReply,
@@ -22,7 +23,7 @@ from schemas import (
     encode,
 )
 from schemas import topics as t
-from tests.support import eventually, fast_kafka, read_topic
+from tests.harness.support import eventually, fast_kafka, read_topic
 from worker.app import Worker
 from worker.settings import WorkerSettings
 from worker.trust.keys import load_or_create_seed
@@ -126,11 +127,13 @@ async def test_dlq_list_and_replay_carry_attempts_forward(
     running_worker: Worker,
     worker_settings: WorkerSettings,
 ) -> None:
-    from nodecli.dlq import list_dlq, replay_dlq
+    from schemas.dlq import DlqEntry
+    from worker.deadletters import list_dlq, replay_dlq
 
     topics = Topics(namespace)
-    kafka = fast_kafka(broker.bootstrap)
-    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    settings = fast_kafka(broker.bootstrap)
+    kafka = ClusterKafka(settings)
+    producer = AIOKafkaProducer(**settings.producer_kwargs())
     await producer.start()
     try:
         await producer.send_and_wait(topics.infer("demo-mlp"), f"{{broken {CANARY}".encode())
@@ -140,7 +143,7 @@ async def test_dlq_list_and_replay_carry_attempts_forward(
     entries: list[dict[str, object]] = []
 
     async def dlq_has(n: int) -> bool:
-        entries[:] = await list_dlq(kafka, topics)
+        entries[:] = [line.as_dict() for line in await list_dlq(kafka, topics)]
         return len(entries) == n
 
     await eventually(lambda: dlq_has(1))
@@ -149,12 +152,38 @@ async def test_dlq_list_and_replay_carry_attempts_forward(
     assert CANARY not in json.dumps(entries)
 
     wrong_key = await replay_dlq(kafka, topics, PrivateKey.generate(), None)
-    assert wrong_key == [{"dlq_offset": 0, "replayed": False, "why": "wrong key"}]
+    assert [r.as_dict() for r in wrong_key] == [
+        {"dlq_offset": 0, "replayed": False, "why": "does not open with this key"}
+    ]
 
     key = PrivateKey(load_or_create_seed(worker_settings.key_dir / "dlq_x25519.key"))
     replayed = await replay_dlq(kafka, topics, key, {0})
-    assert replayed == [{"dlq_offset": 0, "replayed": True, "to": topics.infer("demo-mlp")}]
+    assert [r.as_dict() for r in replayed] == [
+        {"dlq_offset": 0, "replayed": True, "to": topics.infer("demo-mlp")}
+    ]
     # Still broken, so it comes back, now on its second attempt.
     await eventually(lambda: dlq_has(2))
     assert entries[1]["attempts"] == 2
     assert entries[1]["sha256"] == entries[0]["sha256"]
+
+    # Anyone who can write the DLQ can forge entries: a tombstone, bytes that are not JSON and
+    # an entry (sealed to the operator's own key) naming the settlement topic as its origin.
+    forged = DlqEntry.model_validate(
+        {**json.loads((await _raw_dlq(kafka, topics))[0]), "original_topic": topics.settlement}
+    )
+    producer = AIOKafkaProducer(**settings.producer_kwargs())
+    await producer.start()
+    try:
+        for value in (None, b"\xff not json", forged.model_dump_json().encode()):
+            await producer.send_and_wait(topics.dlq, value, key=b"forged")
+    finally:
+        await producer.stop()
+    await eventually(lambda: dlq_has(5))
+    assert [sorted(e) for e in entries[2:4]] == [["dlq_offset", "dlq_partition", "unreadable"]] * 2
+    results = {r.dlq_offset: r for r in await replay_dlq(kafka, topics, key, {2, 3, 4})}
+    assert not any(r.replayed for r in results.values())
+    assert results[4].why == "not a request topic of this namespace"
+
+
+async def _raw_dlq(kafka: ClusterKafka, topics: Topics) -> list[bytes]:
+    return [m.value for m in await read_topic(kafka.settings.bootstrap_servers, topics.dlq)]

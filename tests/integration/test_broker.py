@@ -1,4 +1,4 @@
-"""Integration tests for infra.broker and infra.topics against a real Tansu process."""
+"""Integration tests for infra.dev.broker and infra.kafka.admin against a real Tansu process."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 
-from infra.broker import (
+from infra.dev.broker import (
     BrokerAlreadyRunning,
     BrokerError,
     BrokerProcess,
@@ -25,13 +25,8 @@ from infra.broker import (
     stop_broker,
     wait_ready,
 )
-from infra.topics import (
-    ProvisioningError,
-    TopicSpec,
-    delete_topics,
-    ensure_topics,
-    standard_topics,
-)
+from infra.kafka.admin import ProvisioningError, delete_topics, ensure_topics
+from schemas.topics import TopicSpec, standard_topics
 
 pytestmark = pytest.mark.kafka
 

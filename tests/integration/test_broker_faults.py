@@ -1,4 +1,5 @@
-"""The worker under broker faults, on librdkafka's 3-broker mock cluster (infra.mock_cluster).
+"""The worker under broker faults, on librdkafka's 3-broker mock cluster
+(``tests.harness.mock_cluster``).
 
 Each scenario streams 200 requests at an in-process worker while a fault hits the cluster,
 then checks the two promises of intake: no request is lost (every request id gets a reply)
@@ -41,12 +42,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from client import build_request
+from infra.dev.demo_models import add_fixed_latency_model
 from infra.kafka import KafkaSettings
-from infra.mock_cluster import ApiKey, ErrorCode, MockCluster
 from schemas import MLInput, Tensor, Topics
 from schemas.codec import encode
+from tests.harness.mock_cluster import ApiKey, ErrorCode, MockCluster
 from worker.app import Worker
-from worker.models.demo import add_fixed_latency_model
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.kafka
@@ -241,7 +242,7 @@ async def run_scenario(stack: Stack, fault: Fault) -> None:
 
 # -- scenarios ---------------------------------------------------------------------------------
 # Mock control calls block until the mock's thread answers, now and then for ~1 s (see
-# infra.mock_cluster), so while the worker shares this event loop they run in a thread.
+# tests.harness.mock_cluster), so while the worker shares this event loop they run in a thread.
 
 
 async def test_partition_leader_broker_down_for_4_s(stack: Stack) -> None:

@@ -1,4 +1,4 @@
-"""Integration tests for infra.chain and settlement.chain against a real anvil."""
+"""Integration tests for infra.dev.anvil and settlement.chain against a real anvil."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from eth_utils.crypto import keccak
 from pydantic import SecretStr
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
-from infra.broker import free_port
-from infra.chain import (
+from infra.dev.anvil import (
     DEV_ACCOUNTS,
     AnvilProcess,
     ChainAlreadyRunning,
@@ -29,7 +28,8 @@ from infra.chain import (
     start_anvil,
     stop_anvil,
 )
-from infra.chain import ChainError as AnvilError
+from infra.dev.anvil import ChainError as AnvilError
+from infra.dev.broker import free_port
 from settlement.chain import (
     Anchored,
     ChainError,
@@ -120,7 +120,7 @@ def oz_proof(tree: list[bytes], index: int) -> list[bytes]:
     return proof
 
 
-# --- infra.chain ---------------------------------------------------------------------------
+# --- infra.dev.anvil ---------------------------------------------------------------------------
 
 
 def test_build_artifact_is_up_to_date() -> None:

@@ -12,7 +12,7 @@ import rfc8785
 from aiokafka import AIOKafkaProducer
 
 from client import InferenceClient, build_request, verify_result
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
 from schemas import (
     ChatInput,
     ChatMessage,
@@ -24,7 +24,7 @@ from schemas import (
     encode,
 )
 from settlement.app import SettlementService
-from tests.support import eventually, fast_kafka, read_topic
+from tests.harness.support import eventually, fast_kafka, read_topic, settlement_counts
 from worker.app import Worker
 
 pytestmark = pytest.mark.kafka
@@ -87,9 +87,9 @@ async def test_200_requests_answered_once_signed_and_settled_once(
         await producer.flush()
     finally:
         await producer.stop()
-    await eventually(lambda: running_settlement.seen == 4 * N_PER_MODEL)
+    await eventually(lambda: settlement_counts(running_settlement)["verified"] == 4 * N_PER_MODEL)
     assert ledger.count() == 2 * N_PER_MODEL
-    assert running_settlement.rejected == 0
+    assert settlement_counts(running_settlement)["rejected"] == 0
 
 
 async def test_minimal_request_from_another_producer_hashes_payload_as_sent(

@@ -1,4 +1,4 @@
-"""The hostile corpus (``bench.corpus``) against a real worker on the real broker.
+"""The hostile corpus (``tests.harness.corpus``) against a real worker on the real broker.
 
 Every request-shaped message must end in exactly one terminal answer of the kind the corpus
 names: a typed error reply with that code, or a DLQ entry with that reason (whose sealed
@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.corpus import CANARY, Case, CorpusContext, Expected, hostile_corpus
-from bench.outcomes import Observed, Sent, TopicTap, classify_requests, send_corpus
 from client import build_request
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
 from schemas import MLInput, Tensor, Topics, encode
-from tests.support import fast_kafka
+from tests.harness.corpus import CANARY, Case, CorpusContext, Expected, hostile_corpus
+from tests.harness.outcomes import Observed, Sent, TopicTap, classify_requests, send_corpus
+from tests.harness.support import fast_kafka
 from worker.app import Worker
 from worker.publish import MAX_DLQ_COPY_BYTES
 

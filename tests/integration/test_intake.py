@@ -27,9 +27,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
 from client import InferenceClient, build_request, verify_result
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
+from infra.dev.demo_models import add_fixed_latency_model
 from infra.kafka import KafkaSettings
-from infra.topics import ensure_topics, standard_topics
+from infra.kafka.admin import ensure_topics
 from schemas import (
     ChatInput,
     ErrorReply,
@@ -41,13 +42,13 @@ from schemas import (
     Tensor,
     Topics,
 )
+from schemas.topics import standard_topics
 from settlement.app import SettlementService
 from settlement.settings import SettlementSettings
-from tests.support import eventually, fast_kafka, read_topic
+from tests.harness.support import eventually, fast_kafka, read_topic, settlement_counts
 from worker.app import Worker
 from worker.engines.base import Engine, EngineResult, RunContext
 from worker.engines.fixed import FixedLatencyEngine
-from worker.models.demo import add_fixed_latency_model
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.kafka
@@ -706,7 +707,7 @@ async def test_sigkill_and_restart_answers_all_2000_and_settles_each_once_per_no
         assert sum(len(r) for r in rows.values()) == ledger.count() == len(settled)
         assert {(row["request_id"], row["node_id"]) for r in rows.values() for row in r} == settled
         assert all(len({row["output_hash"] for row in r}) == 1 for r in rows.values())
-        assert settlement.rejected == 0
+        assert settlement_counts(settlement)["rejected"] == 0
     finally:
         for child in children:
             child.kill()

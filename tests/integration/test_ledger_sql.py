@@ -17,22 +17,26 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from schemas.merkle import MerkleTree, envelope_leaf, verify_proof
 from schemas.results import ResultEnvelope, Usage
 from schemas.settlement import SettlementRecord
+from schemas.signing import Signer
+from schemas.verify.record import Rejected
 from settlement.ledger import (
+    Accepted,
     BatchConflictError,
+    BatchMember,
     BatchNotFoundError,
     Ledger,
     LedgerError,
+    Origin,
     PostgresLedger,
+    Rejection,
     SqliteLedger,
     open_ledger,
 )
 from settlement.ledger import postgres as pg_backend
 from settlement.ledger import sqlite as sqlite_backend
-from settlement.merkle import MerkleTree, envelope_leaf, verify_proof
-from settlement.verify import Rejected
-from worker.trust.signer import Signer
 
 PG_DSN = os.environ.get("OG_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 NOW_MS = 1_700_000_000_000
@@ -67,8 +71,13 @@ def _record(
     return SettlementRecord(envelope=envelope, signature=signer.sign_envelope(envelope))
 
 
-def _rejection(offset: int, reason: str = "bad_signature") -> tuple[Rejected, bytes, str, int, int]:
-    return (Rejected(reason, "detail", "req-l-1", None), b"raw", "og.settlement", 0, offset)
+def _rejection(offset: int, reason: str = "bad_signature") -> Rejection:
+    outcome = Rejected(reason, "detail", "req-l-1", None)
+    return Rejection(outcome, b"raw", Origin("og.settlement", 0, offset))
+
+
+def _accepted(*records: SettlementRecord) -> list[Accepted]:
+    return [Accepted(r) for r in records]
 
 
 def _drop_schema(schema: str) -> None:
@@ -128,9 +137,9 @@ def _schema_version(db: Ledger) -> int:
 
 def test_store_is_idempotent(ledger: Ledger) -> None:
     first, second = _record("req-l-1"), _record("req-l-2")
-    assert ledger.store([first, first, second], []) == 2
-    assert ledger.store([first, second], []) == 0
-    assert ledger.store([_record("req-l-1", OTHER)], []) == 1  # same request, other node
+    assert ledger.store(_accepted(first, first, second)) == 2
+    assert ledger.store(_accepted(first, second)) == 0
+    assert ledger.store(_accepted(_record("req-l-1", OTHER))) == 1  # same request, other node
     assert ledger.count() == 3
     rows = ledger.get("req-l-1")
     assert sorted(row["node_id"] for row in rows) == sorted([SIGNER.node_id, OTHER.node_id])
@@ -144,20 +153,19 @@ def test_store_is_idempotent(ledger: Ledger) -> None:
 def test_rejections_are_deduplicated_by_offset(ledger: Ledger) -> None:
     assert ledger.store([], [_rejection(1), _rejection(2), _rejection(3, "not_decodable")]) == 0
     ledger.store([], [_rejection(1), _rejection(2)])
-    ledger.store([], [(Rejected("bad_signature"), None, "og.settlement", 1, 1)])
+    ledger.store([], [Rejection(Rejected("bad_signature"), None, Origin("og.settlement", 1, 1))])
     assert ledger.rejection_counts() == {"bad_signature": 3, "not_decodable": 1}
 
 
 def test_usage_per_payer_and_model(ledger: Ledger) -> None:
     ledger.store(
-        [
+        _accepted(
             _record("r1", payer="alice", tokens=(1, 10)),
             _record("r2", payer="alice", tokens=(2, 20)),
             _record("r3", payer="alice", model_id="demo-lm", tokens=(3, 30)),
             _record("r4", payer="bob", tokens=(4, 40)),
             _record("r5", payer=None, tokens=(5, 50)),
-        ],
-        [],
+        ),
     )
     alice = [
         {"payer": "alice", "model_id": "demo-lm", "requests": 1},
@@ -178,13 +186,13 @@ def test_usage_per_payer_and_model(ledger: Ledger) -> None:
 def test_reopening_reruns_no_migration(opener: Opener) -> None:
     first = opener()
     assert _schema_version(first) == 4
-    first.store([_record()], [_rejection(1)])
+    first.store(_accepted(_record()), [_rejection(1)])
     first.close()
     second = opener()
     assert _schema_version(second) == 4
     assert second.count() == 1
     assert second.rejection_counts() == {"bad_signature": 1}
-    assert second.store([_record()], []) == 0
+    assert second.store(_accepted(_record())) == 0
 
 
 def test_v1_ledger_is_upgraded_in_place(backend: str, location: str, opener: Opener) -> None:
@@ -228,7 +236,7 @@ def test_v1_ledger_is_upgraded_in_place(backend: str, location: str, opener: Ope
 def _stored(ledger: Ledger, n: int) -> list[SettlementRecord]:
     records = [_record(f"req-{i:03d}") for i in range(n)]
     for record in records:  # one store per record: insertion order is the list order
-        ledger.store([record], [])
+        ledger.store(_accepted(record))
     return records
 
 
@@ -240,11 +248,10 @@ def test_unbatched_oldest_first(ledger: Ledger) -> None:
     assert ledger.unbatched_count() == 5
     got = ledger.unbatched(3)
     assert [r.request_id for r in got] == ["req-000", "req-001", "req-002"]
-    assert got[0].envelope == records[0].envelope
+    # The leaf is stored with the record: batching never re-reads an envelope.
+    assert got[0].leaf_hash == "0x" + envelope_leaf(records[0].envelope).hex()
     assert got[0].node_id == SIGNER.node_id
-    oldest = ledger.oldest_unbatched_unix_ms()
-    assert oldest is not None
-    assert oldest == got[0].received_unix_ms
+    assert ledger.oldest_unbatched_unix_ms() is not None
 
 
 def test_create_batch_assigns_members_and_refuses_batched_ones(ledger: Ledger) -> None:
@@ -252,7 +259,10 @@ def test_create_batch_assigns_members_and_refuses_batched_ones(ledger: Ledger) -
     node = SIGNER.node_id
     batch_id = ledger.create_batch(
         "0x" + "11" * 32,
-        [("req-000", node, 1, "0x" + "a1" * 32), ("req-001", node, 0, "0x" + "a0" * 32)],
+        [
+            BatchMember("req-000", node, 1, "0x" + "a1" * 32),
+            BatchMember("req-001", node, 0, "0x" + "a0" * 32),
+        ],
     )
     assert [r.request_id for r in ledger.unbatched(10)] == ["req-002"]
     assert ledger.unbatched_count() == 1
@@ -268,24 +278,32 @@ def test_create_batch_assigns_members_and_refuses_batched_ones(ledger: Ledger) -
     with pytest.raises(BatchConflictError):  # req-001 is already in a batch
         ledger.create_batch(
             "0x" + "22" * 32,
-            [("req-002", node, 0, "0x" + "b0" * 32), ("req-001", node, 1, "0x" + "b1" * 32)],
+            [
+                BatchMember("req-002", node, 0, "0x" + "b0" * 32),
+                BatchMember("req-001", node, 1, "0x" + "b1" * 32),
+            ],
         )
     with pytest.raises(BatchConflictError):  # no such record
-        ledger.create_batch("0x" + "33" * 32, [("req-999", node, 0, "0x" + "c0" * 32)])
+        ledger.create_batch("0x" + "33" * 32, [BatchMember("req-999", node, 0, "0x" + "c0" * 32)])
     with pytest.raises(BatchConflictError):  # same root as a stored batch
-        ledger.create_batch("0x" + "11" * 32, [("req-002", node, 0, "0x" + "d0" * 32)])
+        ledger.create_batch("0x" + "11" * 32, [BatchMember("req-002", node, 0, "0x" + "d0" * 32)])
     # Nothing of the failed attempts remains: no batch row, req-002 still unbatched.
     assert [b.id for b in ledger.open_batches()] == [batch_id]
     assert [r.request_id for r in ledger.unbatched(10)] == ["req-002"]
-    ((unbatched, no_batch, no_index, no_leaf),) = ledger.record_batch("req-002")
-    assert (unbatched.request_id, no_batch, no_index, no_leaf) == ("req-002", None, None, None)
+    ((unbatched, no_batch, no_index, leaf),) = ledger.record_batch("req-002")
+    assert (unbatched.request_id, no_batch, no_index) == ("req-002", None, None)
+    assert leaf == "0x" + envelope_leaf(unbatched.envelope).hex()  # kept since insert
 
 
 def test_open_batches_and_mark_anchored(ledger: Ledger) -> None:
     _stored(ledger, 2)
     node = SIGNER.node_id
-    first = ledger.create_batch("0x" + "01" * 32, [("req-000", node, 0, "0x" + "a0" * 32)])
-    second = ledger.create_batch("0x" + "02" * 32, [("req-001", node, 0, "0x" + "b0" * 32)])
+    first = ledger.create_batch(
+        "0x" + "01" * 32, [BatchMember("req-000", node, 0, "0x" + "a0" * 32)]
+    )
+    second = ledger.create_batch(
+        "0x" + "02" * 32, [BatchMember("req-001", node, 0, "0x" + "b0" * 32)]
+    )
     assert [b.id for b in ledger.open_batches()] == [first, second]
 
     tx = "0x" + "ab" * 32
@@ -312,12 +330,13 @@ def test_open_batches_and_mark_anchored(ledger: Ledger) -> None:
 def test_batch_proofs_from_stored_leaves(ledger: Ledger) -> None:
     """The batcher's round trip: leaves → tree → create_batch; later, proof from the ledger."""
     _stored(ledger, 7)
-    ledger.store([_record("req-003", OTHER)], [])
+    ledger.store(_accepted(_record("req-003", OTHER)))
     pending = ledger.unbatched(100)
-    leaves = {(r.request_id, r.node_id): envelope_leaf(r.envelope) for r in pending}
+    leaves = {(r.request_id, r.node_id): bytes.fromhex(r.leaf_hash[2:]) for r in pending}
     tree = MerkleTree(leaves.values())
     members = [
-        (rid, nid, tree.index_of(leaf), "0x" + leaf.hex()) for (rid, nid), leaf in leaves.items()
+        BatchMember(rid, nid, tree.index_of(leaf), "0x" + leaf.hex())
+        for (rid, nid), leaf in leaves.items()
     ]
     batch_id = ledger.create_batch("0x" + tree.root.hex(), members)
 
@@ -352,7 +371,7 @@ def test_open_ledger_postgres_schema_parameter() -> None:
     try:
         db = open_ledger(f"{PG_DSN}?connect_timeout=5&schema={schema}")
         assert isinstance(db, PostgresLedger)
-        db.store([_record()], [])
+        db.store(_accepted(_record()))
         db.close()
         with psycopg.connect(PG_DSN) as conn:
             query = sql.SQL("SELECT COUNT(*) FROM {}.records").format(sql.Identifier(schema))
@@ -366,7 +385,7 @@ def test_store_throughput_smoke(ledger: Ledger, backend: str) -> None:
     records = [_record(f"req-t-{i:05d}") for i in range(5_000)]
     start = time.perf_counter()
     for i in range(0, len(records), 500):
-        assert ledger.store(records[i : i + 500], []) == 500
+        assert ledger.store(_accepted(*records[i : i + 500])) == 500
     elapsed_s = time.perf_counter() - start
     assert ledger.count() == 5_000
     print(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from settlement.merkle import LEAF_TYPES, MerkleTree, leaf_hash, verify_proof
+from schemas.merkle import LEAF_TYPES, MerkleTree, leaf_hash, verify_proof
 
 pytestmark = pytest.mark.chain
 

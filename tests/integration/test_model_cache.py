@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from client import InferenceClient, build_request, verify_result
-from infra.broker import BrokerProcess
-from infra.processes import log_tail, spawn, terminate
+from infra.dev.broker import BrokerProcess
+from infra.dev.processes import log_tail, spawn, terminate
 from schemas import ChatInput, ErrorReply, InferenceResult, MLInput, Topics
 from schemas.results import ErrorCode
-from tests.support import eventually, fast_kafka, read_topic
-from tests.unit.test_cache_http import HubServer
-from worker.models.local_hub import LocalHub
+from tests.harness.hub_server import HubServer
+from tests.harness.support import eventually, fast_kafka, read_topic
+from worker.modelstore.local_hub import LocalHub
 
 pytestmark = pytest.mark.kafka
 

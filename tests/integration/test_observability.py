@@ -25,29 +25,32 @@ import httpx
 import jsonschema
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.requests import build_request
-from infra.broker import BrokerProcess, running_broker
-from infra.health import HealthServer, consumer_lag, kafka_reachable
+from infra.dev.broker import BrokerProcess, running_broker
+from infra.health import HealthServer, kafka_reachable
 from infra.kafka import KafkaSettings
-from infra.topics import ensure_topics, standard_topics
+from infra.kafka.admin import ensure_topics
+from infra.kafka.client import ClusterKafka
+from infra.kafka.ports import TopicPartition as PortTopicPartition
+from infra.logs import ContextFilter, JsonFormatter
+from infra.tracing import TraceContext, Tracing
 from nodecli.check import check
 from schemas import MLInput, Tensor, Topics, encode
 from schemas.requests import InferenceRequest
-from tests.support import eventually, read_topic
-from worker.app import dlq_public_key, load_engines, node_signer
+from schemas.topics import standard_topics
+from tests.harness.support import eventually, read_topic
+from worker.app import compose_intake, load_engines
+from worker.identity import dlq_public_key, node_signer
 from worker.intake import Intake, IntakeConfig
-from worker.logs import ContextFilter, JsonFormatter
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
-from worker.publish import Publisher
 from worker.settings import WorkerSettings
-from worker.tracing import TraceContext, Tracing
 
 pytestmark = pytest.mark.kafka
 
@@ -76,14 +79,16 @@ async def _worker(settings: WorkerSettings) -> AsyncIterator[_Node]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = Tracing.from_provider(provider)
     engines = await load_engines(settings)
-    producer = AIOKafkaProducer(**settings.kafka.producer_kwargs())
-    consumer = AIOKafkaConsumer(**settings.kafka.consumer_kwargs(settings.group_id))
-    intake = Intake(
+    kafka = ClusterKafka(settings.kafka)
+    producer = kafka.producer()
+    consumer = kafka.consumer(settings.group_id)
+    intake = compose_intake(
         consumer,
-        Publisher(producer, settings.topics, dlq_public_key(settings), metrics=metrics),
+        producer,
         Pipeline(engines, node_signer(settings)),
         settings.topics,
         IntakeConfig(metrics_interval_s=0.2),
+        dlq_key=dlq_public_key(settings),
         metrics=metrics,
         tracer=tracing.tracer,
     )
@@ -93,9 +98,7 @@ async def _worker(settings: WorkerSettings) -> AsyncIterator[_Node]:
     )
     await health.start()
     await producer.start()
-    consumer.subscribe(
-        [settings.topics.infer(m) for m in engines], listener=intake.rebalance_listener()
-    )
+    consumer.subscribe([settings.topics.infer(m) for m in engines], intake.rebalance_listener())
     await consumer.start()
     task = asyncio.create_task(intake.run())
     try:
@@ -289,25 +292,26 @@ async def test_consumer_lag_is_highwater_minus_position(broker: BrokerProcess) -
     ns = "t" + uuid.uuid4().hex[:12]
     await ensure_topics(broker.bootstrap, standard_topics(ns, ["demo-mlp"], request_partitions=1))
     topic = Topics(ns).infer("demo-mlp")
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    kafka = ClusterKafka(KafkaSettings(bootstrap_servers=broker.bootstrap))
+    producer = kafka.producer()
     await producer.start()
     try:
         for i in range(10):
             await producer.send_and_wait(topic, f"m{i}".encode())
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    consumer = kafka.consumer(None)
     await consumer.start()
     try:
-        tp = TopicPartition(topic, 0)
+        tp = PortTopicPartition(topic, 0)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-        assert await consumer_lag(consumer) == {}  # nothing fetched: unknown, not 0
+        assert await consumer.lag([tp]) == {}  # nothing fetched: unknown, not 0
         fetched = 0
         while fetched < 3:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=3 - fetched)
+            batch = await consumer.getmany(timeout_ms=1000, max_records=3 - fetched)
             fetched += sum(len(v) for v in batch.values())
-        assert await consumer_lag(consumer) == {tp: 7}
+        assert await consumer.lag([tp]) == {tp: 7}
     finally:
         await consumer.stop()
 

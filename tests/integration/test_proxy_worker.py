@@ -12,16 +12,17 @@ import pytest
 import rfc8785
 
 from client import InferenceClient, build_request, verify_result
-from infra.broker import BrokerProcess
-from infra.topics import TopicSpec, ensure_topics
+from infra.dev.broker import BrokerProcess
+from infra.kafka.admin import ensure_topics
 from schemas import ChatInput, ChatMessage, Topics
 from schemas.requests import FunctionSpec, InferenceRequest, Tool
 from schemas.results import ChatOutput, InferenceResult, StreamChunk
 from schemas.signing import verify_envelope_signature
-from tests.providers import anthropic_wire as awire
-from tests.providers import openai_wire as owire
-from tests.providers.server import ProviderServer, Received, Reply
-from tests.support import fast_kafka
+from schemas.topics import TopicSpec
+from tests.harness.providers import anthropic_wire as awire
+from tests.harness.providers import openai_wire as owire
+from tests.harness.providers.server import ProviderServer, Received, Reply
+from tests.harness.support import fast_kafka
 from worker.app import Worker
 from worker.proxy.settings import ProxySettings
 from worker.settings import WorkerSettings

@@ -16,21 +16,22 @@ from client import (
     InferenceClient,
     RegistryPolicy,
     RegistryView,
-    RegistryWatcher,
     build_request,
     seal_request,
 )
-from client.attestation import AttestationPolicySettings, registration_check
-from client.verify import verify_result
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
+from infra.kafka.client import ClusterKafka
+from infra.kafka.reader import TopicReader
 from schemas.base import VerificationMode
 from schemas.canonical import canonical_bytes
 from schemas.requests import ChatInput, ChatMessage, MLInput, SamplingParams, Tensor
 from schemas.results import ErrorCode, ErrorReply, InferenceResult
 from schemas.sealed import SealedInput
 from schemas.topics import Topics
+from schemas.verify.attestation import AttestationPolicySettings, registration_check
+from schemas.verify.result import verify_result
 from settlement.app import SettlementService
-from tests.support import eventually, fast_kafka, read_topic
+from tests.harness.support import eventually, fast_kafka, read_topic
 from worker.app import Worker
 from worker.settings import WorkerSettings
 from worker.trust.attestation.settings import AttestationSettings
@@ -164,7 +165,9 @@ async def test_a_node_that_stops_heartbeating_drops_out(
     settings = worker_settings.model_copy(update={"heartbeat_interval_s": 0.3})
     topics = Topics(namespace)
     view = RegistryView()
-    watcher = RegistryWatcher(fast_kafka(broker.bootstrap), topics.registry, view)
+    watcher = TopicReader(
+        ClusterKafka(fast_kafka(broker.bootstrap)).consumer(None), topics.registry, view.apply
+    )
     async with serving(settings) as worker:
         node_id = worker.signer.node_id
         await watcher.start()
@@ -191,7 +194,7 @@ async def test_a_node_that_stops_heartbeating_drops_out(
     # Shutting down published "draining": the node is not offered to clients any more.
     async with _client(broker, namespace) as client:
         assert await client.discover("demo-mlp") == []
-        reg = client._registry.view.registration(node_id) if client._registry else None
+        reg = client.registry_view.registration(node_id)
         assert reg is not None and reg.status == "draining"
 
 
@@ -279,7 +282,11 @@ async def test_tee_records_need_an_attestation_the_verifier_accepts(
         # A verifier that allows development evidence accepts the same node for TEE.
         lax = AttestationPolicySettings(allow_dev=True).policy()
         view = RegistryView(RegistryPolicy(attestation_check=registration_check(lax)))
-        watcher = RegistryWatcher(fast_kafka(broker.bootstrap), Topics(namespace).registry, view)
+        watcher = TopicReader(
+            ClusterKafka(fast_kafka(broker.bootstrap)).consumer(None),
+            Topics(namespace).registry,
+            view.apply,
+        )
         await watcher.start()
         try:
             node_id = worker.signer.node_id

@@ -22,16 +22,17 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
-from infra.broker import BrokerProcess
-from infra.chain import DEV_ACCOUNTS, AnvilProcess, dev_private_key, running_anvil
-from infra.topics import ensure_topics, standard_topics
+from infra.dev.anvil import DEV_ACCOUNTS, AnvilProcess, dev_private_key, running_anvil
+from infra.dev.broker import BrokerProcess
+from infra.kafka.admin import ensure_topics
 from schemas import ResultEnvelope, SettlementRecord, Usage, VerificationMode, encode
+from schemas.merkle import MerkleTree, envelope_leaf
+from schemas.signing import Signer
+from schemas.topics import standard_topics
 from settlement.chain import ChainSettings, SettlementChain
 from settlement.ledger import open_ledger
 from settlement.ledger.base import Ledger
-from settlement.merkle import MerkleTree, envelope_leaf
-from tests.support import fast_kafka, register_node
-from worker.trust.signer import Signer
+from tests.harness.support import fast_kafka, register_node
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chain]
 

@@ -8,11 +8,11 @@ import time
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
 from schemas import ResultEnvelope, SettlementRecord, Topics, Usage, VerificationMode, encode
+from schemas.signing import Signer
 from settlement.app import SettlementService
-from tests.support import eventually, fast_kafka, register_node
-from worker.trust.signer import Signer
+from tests.harness.support import eventually, fast_kafka, register_node
 
 pytestmark = pytest.mark.kafka
 
@@ -60,9 +60,8 @@ async def test_hostile_records_rejected_with_reasons_while_valid_ones_flow(
         encode(_record(stranger, "unregistered")),
     ]
     topic = Topics(namespace).settlement
-    producer = AIOKafkaProducer(
-        **fast_kafka(broker.bootstrap).producer_kwargs(), max_request_size=2_000_000
-    )
+    big = fast_kafka(broker.bootstrap).model_copy(update={"max_request_size_bytes": 2_000_000})
+    producer = AIOKafkaProducer(**big.producer_kwargs())
     await producer.start()
     try:
         for i, record in enumerate(valid):

@@ -18,27 +18,27 @@ from typing import Any
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from nacl.public import PrivateKey
 from psycopg import sql
 
 from client import InferenceClient, build_request, verify_result
-from infra.broker import BrokerProcess
+from infra.dev.broker import BrokerProcess
+from infra.kafka.client import ClusterKafka
 from schemas import InferenceResult, MLInput, Tensor, Topics, VerificationMode, encode
 from schemas.proofs import PROOF_DOMAIN, ProofClaims, ProofRecord
 from schemas.requests import input_hash
 from schemas.results import MLOutput, ResultEnvelope, Usage, output_hash
 from schemas.settlement import SettlementRecord
+from schemas.signing import Signer
 from settlement.app import SettlementService
-from settlement.ledger import Ledger, PostgresLedger, ProofEntry, SqliteLedger
+from settlement.ledger import Accepted, Ledger, Origin, PostgresLedger, ProofEntry, SqliteLedger
 from settlement.settings import ProofSettings, SettlementSettings
-from tests.support import eventually, fast_kafka, read_topic, register_node
+from tests.harness.support import eventually, fast_kafka, read_topic, register_node
+from worker.app import compose_intake
 from worker.intake import Intake, IntakeConfig
-from worker.models.service import build_engines, open_cache
-from worker.models.settings import CacheSettings
+from worker.modelstore.service import build_engines, open_cache
+from worker.modelstore.settings import CacheSettings
 from worker.pipeline import Pipeline
-from worker.publish import Publisher
-from worker.trust.signer import Signer
 from worker.zkml import (
     CircuitOptions,
     PreparedCircuit,
@@ -107,13 +107,17 @@ async def _start_worker(
     handler = ZkmlModeHandler(circuits, SIGNER, proof_publisher(producer, topics), zk)
     handler.start()
     pipeline = Pipeline(engines, SIGNER, modes={VerificationMode.ZKML: handler})
-    kafka = fast_kafka(broker.bootstrap)
-    consumer = AIOKafkaConsumer(**kafka.consumer_kwargs(f"{namespace}-workers"))
-    publisher = Publisher(producer, topics, PrivateKey.generate().public_key)
-    intake = Intake(consumer, publisher, pipeline, topics, IntakeConfig())
-    consumer.subscribe(
-        topics=[topics.infer(m) for m in engines], listener=intake.rebalance_listener()
+    kafka = ClusterKafka(fast_kafka(broker.bootstrap))
+    consumer = kafka.consumer(f"{namespace}-workers")
+    intake = compose_intake(
+        consumer,
+        producer,
+        pipeline,
+        topics,
+        IntakeConfig(),
+        dlq_key=PrivateKey.generate().public_key,
     )
+    consumer.subscribe([topics.infer(m) for m in engines], intake.rebalance_listener())
     await consumer.start()
     return intake, handler, consumer, asyncio.create_task(intake.run()), engines
 
@@ -133,7 +137,7 @@ async def test_zkml_result_first_then_a_verified_proof_and_forgeries_rejected(
 ) -> None:
     topics = Topics(namespace)
     kafka = fast_kafka(broker.bootstrap)
-    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    producer = ClusterKafka(kafka).producer()
     await producer.start()
     intake, handler, consumer, task, engines = await _start_worker(
         broker, namespace, demo_hub, zk_env, producer
@@ -291,18 +295,18 @@ def test_proofs_link_to_results_in_either_order(ledger: Ledger) -> None:
     record_a, proof_a = _result("req-a", 0.5)
     record_b, proof_b = _result("req-b", 0.25)
     # Result first, then its proof: verified at once; a redelivery changes nothing.
-    ledger.store([record_a], [])
-    ledger.store([], [], None, [ProofEntry(proof_a, "verified", None, "og.settlement/0/1")])
-    ledger.store([], [], None, [ProofEntry(proof_a, "verified", None, "og.settlement/0/1")])
+    ledger.store([Accepted(record_a)])
+    ledger.store([], [], [ProofEntry(proof_a, "verified", None, Origin("og.settlement", 0, 1))])
+    ledger.store([], [], [ProofEntry(proof_a, "verified", None, Origin("og.settlement", 0, 1))])
     assert _status(ledger, "req-a") == ("verified", None)
     # Proof first: pending until its result arrives.
-    ledger.store([], [], None, [ProofEntry(proof_b, "verified")])
+    ledger.store([], [], [ProofEntry(proof_b, "verified")])
     assert _status(ledger, "req-b") == ("pending", None)
-    ledger.store([record_b], [])
+    ledger.store([Accepted(record_b)])
     assert _status(ledger, "req-b") == ("verified", None)
     # The same batch holding both links them too.
     record_c, proof_c = _result("req-c", 0.75)
-    ledger.store([record_c], [], None, [ProofEntry(proof_c, "verified")])
+    ledger.store([Accepted(record_c)], [], [ProofEntry(proof_c, "verified")])
     assert _status(ledger, "req-c") == ("verified", None)
     assert ledger.proof_counts() == {"verified": 3}
     row = ledger.proofs("req-a")[0]
@@ -313,23 +317,23 @@ def test_proofs_link_to_results_in_either_order(ledger: Ledger) -> None:
 def test_a_proof_of_other_hashes_is_a_result_mismatch(ledger: Ledger) -> None:
     record_d, _ = _result("req-d", 0.5)
     _, other = _result("req-d", 0.125)  # same request id, another computation
-    ledger.store([record_d], [], None, [ProofEntry(other, "verified")])
+    ledger.store([Accepted(record_d)], [], [ProofEntry(other, "verified")])
     assert _status(ledger, "req-d") == ("rejected", "result_mismatch")
     record_e, _ = _result("req-e", 0.5)
     _, other_e = _result("req-e", 0.125)
-    ledger.store([], [], None, [ProofEntry(other_e, "verified")])  # proof first
+    ledger.store([], [], [ProofEntry(other_e, "verified")])  # proof first
     assert _status(ledger, "req-e") == ("pending", None)
-    ledger.store([record_e], [])
+    ledger.store([Accepted(record_e)])
     assert _status(ledger, "req-e") == ("rejected", "result_mismatch")
 
 
 def test_only_a_better_status_replaces_a_stored_one(ledger: Ledger) -> None:
     record_f, proof_f = _result("req-f", 0.5)
-    ledger.store([record_f], [])
-    ledger.store([], [], None, [ProofEntry(proof_f, "rejected", "dev_srs_refused")])
+    ledger.store([Accepted(record_f)])
+    ledger.store([], [], [ProofEntry(proof_f, "rejected", "dev_srs_refused")])
     assert _status(ledger, "req-f") == ("rejected", "dev_srs_refused")
-    ledger.store([], [], None, [ProofEntry(proof_f, "verified")])
+    ledger.store([], [], [ProofEntry(proof_f, "verified")])
     assert _status(ledger, "req-f") == ("verified", None)
-    ledger.store([], [], None, [ProofEntry(proof_f, "rejected", "bad_proof")])
+    ledger.store([], [], [ProofEntry(proof_f, "rejected", "bad_proof")])
     assert _status(ledger, "req-f") == ("verified", None)
     assert ledger.proof_counts() == {"verified": 1}

@@ -16,8 +16,8 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 from pydantic import ValidationError
 
-from client.attestation import AttestationPolicy, verify_node_attestation
 from schemas.attestation import Attestation, binding_report_data
+from schemas.verify.attestation import AttestationPolicy, verify_node_attestation
 
 VECTORS = Path(__file__).parents[2] / "docs" / "vectors"
 BINDING = json.loads((VECTORS / "attestation-binding-v1.json").read_text())

@@ -13,9 +13,7 @@ from eth_hash.auto import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.results import ResultEnvelope, Usage
-from schemas.signing import envelope_digest
-from settlement.merkle import (
+from schemas.merkle import (
     LEAF_TYPES,
     MerkleTree,
     envelope_leaf,
@@ -24,6 +22,8 @@ from settlement.merkle import (
     leaf_values,
     verify_proof,
 )
+from schemas.results import ResultEnvelope, Usage
+from schemas.signing import envelope_digest
 
 leaf_sets = st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=64, unique=True)
 

@@ -147,9 +147,10 @@ def test_cache_events_map_to_metrics() -> None:
         _Event("evict", "demo-mlp", size_bytes=300),
         _Event("corrupt", "demo-mlp"),
         _Event("unload", "demo-lm"),
+        _Event("usage", "", size_bytes=5000),
     ]:
         m.on_cache_event(event)
-    m.set_cache_size(5000, budget_bytes=10_000)
+    m.set_cache_budget(10_000)
     r = m.registry
     assert _value(r, "og_worker_cache_hits_total", tier="disk") == 2
     assert _value(r, "og_worker_cache_misses_total", tier="disk") == 1

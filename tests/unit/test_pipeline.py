@@ -4,87 +4,36 @@ the real demo ONNX model where a real model matters."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from schemas.base import VerificationMode
-from schemas.requests import ChatInput, ChatMessage, InferenceRequest, MLInput, Tensor, input_hash
+from schemas.requests import InferenceRequest, MLInput, Tensor, input_hash
 from schemas.results import (
-    ChatOutput,
     ErrorCode,
     ErrorReply,
     InferenceResult,
     MLOutput,
-    Usage,
     output_hash,
 )
 from schemas.settlement import SettlementRecord
 from schemas.signing import verify_envelope_signature
-from worker.engines import Engine, EngineResult, load_engine
-from worker.engines.base import RunContext
+from tests.harness.pipeline import (
+    DIGEST,
+    NOW_MS,
+    OUTPUT,
+    SECRET,
+    SIGNER,
+    USAGE,
+    ScriptedEngine,
+    chat_request,
+)
+from worker.engines import Engine, load_engine
 from worker.errors import PermanentError, RetryableError
-from worker.models.local_hub import LocalHub
+from worker.modelstore.local_hub import LocalHub
 from worker.pipeline import Outcome, Pipeline
-from worker.trust.signer import Signer
-
-NOW_MS = 1_700_000_000_000
-DIGEST = "ab" * 32
-SECRET = "secret prompt text"
-SIGNER = Signer(bytes(32))
-
-OUTPUT = ChatOutput(text="hello back", finish_reason="stop")
-USAGE = Usage(input_tokens=7, output_tokens=3)
-
-
-class ScriptedEngine:
-    """An ``Engine`` that raises the scripted exceptions in turn, then answers ``result``."""
-
-    def __init__(
-        self,
-        failures: list[BaseException] | Callable[[], BaseException] | None = None,
-        result: EngineResult | None = None,
-        name: str = "demo-lm",
-    ) -> None:
-        self._failures = [] if failures is None else failures
-        self._result = result or EngineResult(output=OUTPUT, usage=USAGE)
-        self._name = name
-        self.calls: list[ChatInput | MLInput] = []
-
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @property
-    def model_digest(self) -> str:
-        return DIGEST
-
-    async def run(
-        self, payload: ChatInput | MLInput, ctx: RunContext | None = None
-    ) -> EngineResult:
-        self.calls.append(payload)
-        if callable(self._failures):
-            raise self._failures()
-        if len(self.calls) <= len(self._failures):
-            raise self._failures[len(self.calls) - 1]
-        return self._result
-
-    async def close(self) -> None:
-        return None
-
-
-def _chat_request(**overrides: object) -> InferenceRequest:
-    fields: dict[str, object] = {
-        "request_id": "req-p-1",
-        "model": "demo-lm",
-        "created_unix_ms": NOW_MS - 100,
-        "payer": "alice",
-        "payload": ChatInput(messages=[ChatMessage(role="user", content=SECRET)]),
-    }
-    fields.update(overrides)
-    return InferenceRequest.model_validate(fields)
 
 
 def _pipeline(engine: Engine, *, retries: int = 2) -> Pipeline:
@@ -108,7 +57,7 @@ def test_scripted_engine_satisfies_protocol() -> None:
 
 async def test_unknown_model() -> None:
     engine = ScriptedEngine()
-    reply = _error(await _pipeline(engine).handle(_chat_request(model="other-model")))
+    reply = _error(await _pipeline(engine).handle(chat_request(model="other-model")))
     assert reply.code is ErrorCode.UNKNOWN_MODEL
     assert reply.model == "other-model"
     assert reply.retryable is False
@@ -118,7 +67,7 @@ async def test_unknown_model() -> None:
 @pytest.mark.parametrize("mode", [VerificationMode.TEE, VerificationMode.ZKML])
 async def test_unsupported_mode(mode: VerificationMode) -> None:
     engine = ScriptedEngine()
-    reply = _error(await _pipeline(engine).handle(_chat_request(mode=mode)))
+    reply = _error(await _pipeline(engine).handle(chat_request(mode=mode)))
     assert reply.code is ErrorCode.UNSUPPORTED_MODE
     assert mode.value in reply.message
     assert engine.calls == []
@@ -127,7 +76,7 @@ async def test_unsupported_mode(mode: VerificationMode) -> None:
 @pytest.mark.parametrize("deadline", [NOW_MS - 1, NOW_MS, 0])
 async def test_deadline_passed_is_not_executed(deadline: int) -> None:
     engine = ScriptedEngine()
-    reply = _error(await _pipeline(engine).handle(_chat_request(deadline_unix_ms=deadline)))
+    reply = _error(await _pipeline(engine).handle(chat_request(deadline_unix_ms=deadline)))
     assert reply.code is ErrorCode.DEADLINE_EXCEEDED
     assert reply.retryable is False
     assert engine.calls == []
@@ -135,14 +84,14 @@ async def test_deadline_passed_is_not_executed(deadline: int) -> None:
 
 async def test_deadline_in_future_is_executed() -> None:
     engine = ScriptedEngine()
-    outcome = await _pipeline(engine).handle(_chat_request(deadline_unix_ms=NOW_MS + 1))
+    outcome = await _pipeline(engine).handle(chat_request(deadline_unix_ms=NOW_MS + 1))
     assert isinstance(outcome.reply, InferenceResult)
     assert len(engine.calls) == 1
 
 
 async def test_retryable_error_is_retried_until_success() -> None:
     engine = ScriptedEngine([RetryableError("busy"), RetryableError("busy")])
-    outcome = await _pipeline(engine, retries=2).handle(_chat_request())
+    outcome = await _pipeline(engine, retries=2).handle(chat_request())
     assert isinstance(outcome.reply, InferenceResult)
     assert outcome.record is not None
     assert len(engine.calls) == 3
@@ -151,7 +100,7 @@ async def test_retryable_error_is_retried_until_success() -> None:
 @pytest.mark.parametrize("retries", [0, 1, 2, 4])
 async def test_retryable_error_gives_up_after_retries(retries: int) -> None:
     engine = ScriptedEngine(lambda: RetryableError("engine busy"))
-    reply = _error(await _pipeline(engine, retries=retries).handle(_chat_request()))
+    reply = _error(await _pipeline(engine, retries=retries).handle(chat_request()))
     assert reply.code is ErrorCode.INTERNAL
     assert reply.retryable is True
     assert reply.message == "engine busy"
@@ -162,7 +111,7 @@ async def test_permanent_error_is_answered_at_once() -> None:
     engine = ScriptedEngine(
         lambda: PermanentError("input x: expected dtype float32", code=ErrorCode.BAD_REQUEST)
     )
-    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    reply = _error(await _pipeline(engine).handle(chat_request()))
     assert reply.code is ErrorCode.BAD_REQUEST
     assert reply.message == "input x: expected dtype float32"
     assert reply.retryable is False
@@ -173,21 +122,21 @@ async def test_permanent_error_keeps_its_code() -> None:
     engine = ScriptedEngine(
         lambda: PermanentError("upstream said no", code=ErrorCode.PROVIDER_ERROR)
     )
-    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    reply = _error(await _pipeline(engine).handle(chat_request()))
     assert reply.code is ErrorCode.PROVIDER_ERROR
     assert len(engine.calls) == 1
 
 
 async def test_long_error_message_is_truncated_to_wire_limit() -> None:
     engine = ScriptedEngine(lambda: PermanentError("m" * 2000))
-    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    reply = _error(await _pipeline(engine).handle(chat_request()))
     assert reply.message == "m" * 512
 
 
 async def test_unexpected_exception_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     engine = ScriptedEngine(lambda: RuntimeError(f"tokenizer choked on: {SECRET}"))
-    reply = _error(await _pipeline(engine).handle(_chat_request()))
+    reply = _error(await _pipeline(engine).handle(chat_request()))
     assert reply.code is ErrorCode.INTERNAL
     assert reply.retryable is True
     assert SECRET not in reply.message
@@ -204,7 +153,7 @@ async def test_unexpected_exception_leaks_nothing(caplog: pytest.LogCaptureFixtu
 
 
 async def test_success_with_scripted_engine() -> None:
-    request = _chat_request()
+    request = chat_request()
     outcome = await _pipeline(ScriptedEngine()).handle(request)
     reply = outcome.reply
     assert isinstance(reply, InferenceResult)
@@ -230,7 +179,7 @@ async def test_success_with_scripted_engine() -> None:
 
 
 async def test_success_without_payer() -> None:
-    outcome = await _pipeline(ScriptedEngine()).handle(_chat_request(payer=None))
+    outcome = await _pipeline(ScriptedEngine()).handle(chat_request(payer=None))
     assert isinstance(outcome.reply, InferenceResult)
     assert outcome.reply.envelope.payer is None
 
@@ -299,7 +248,7 @@ async def test_onnx_bad_input_is_bad_request(onnx_pipeline: tuple[Pipeline, Engi
 
 async def test_onnx_chat_payload_is_bad_request(onnx_pipeline: tuple[Pipeline, Engine]) -> None:
     pipeline, _ = onnx_pipeline
-    reply = _error(await pipeline.handle(_chat_request(model="demo-mlp")))
+    reply = _error(await pipeline.handle(chat_request(model="demo-mlp")))
     assert reply.code is ErrorCode.BAD_REQUEST
     assert SECRET not in reply.message
 

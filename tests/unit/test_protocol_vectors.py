@@ -16,8 +16,8 @@ from nacl.public import PrivateKey, SealedBox
 from nacl.secret import SecretBox
 from nacl.signing import SigningKey, VerifyKey
 
-from client.verify import verify_result
 from schemas import InferenceRequest, InferenceResult
+from schemas.verify.result import verify_result
 
 VECTORS = json.loads(
     (Path(__file__).parents[2] / "docs" / "vectors" / "results-v1.json").read_text()

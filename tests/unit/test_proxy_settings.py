@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from tests.providers.helpers import engines
-from tests.providers.server import ProviderServer
+from tests.harness.providers.helpers import engines
 from worker.proxy.metering import cost_micros
 from worker.proxy.settings import Endpoint, ModelPrices, ProxySettings
 from worker.settings import WorkerSettings
@@ -104,31 +103,6 @@ async def test_a_missing_key_fails_start_up_naming_the_source_not_the_value(
     with pytest.raises(ValueError, match="proxy endpoint e: environment variable OG_TEST_NO_SUCH"):
         async with engines(settings):
             pass
-
-
-async def test_models_on_one_endpoint_share_one_client() -> None:
-    async with ProviderServer() as server:
-        settings = ProxySettings.model_validate(
-            {
-                "endpoints": {"e": {"provider": "openai", "base_url": server.url, "api_key": "k"}},
-                "models": [
-                    {"name": "m1", "provider": "openai", "api_model": "a", "endpoints": ["e"]},
-                    {
-                        "name": "m2",
-                        "provider": "openai",
-                        "api": "completions",
-                        "api_model": "b",
-                        "endpoints": ["e"],
-                    },
-                ],
-            }
-        )
-        async with engines(settings) as loaded:
-            assert loaded["m1"]._slots[0].client is loaded["m2"]._slots[0].client
-            client = loaded["m1"]._slots[0].client
-            await loaded["m1"].close()
-            assert not client.is_closed()  # m2 still holds it
-        assert client.is_closed()
 
 
 def test_cost_is_integer_and_rounds_up() -> None:

@@ -1,5 +1,5 @@
 """Request translation edge cases (pure: no I/O). Round trips through the SDKs live in
-test_proxy_openai.py and test_proxy_anthropic.py."""
+tests/integration/test_proxy_openai_engine.py and test_proxy_anthropic_engine.py."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Wire models: validation limits, decoding of hostile bytes, JSON Schema export, topic names
-and the public API of ``schemas``."""
+"""Wire models: validation limits, decoding of hostile bytes, JSON Schema export and topic
+names. The public API of ``schemas`` (its ``__all__``) is checked in test_public_api.py."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any
 
@@ -474,55 +473,6 @@ def test_model_of() -> None:
     assert topics.model_of("other.infer.demo-mlp") is None
     assert topics.model_of("og.inference.demo-mlp") is None
     assert Topics("other").model_of("og.infer.demo-mlp") is None
-
-
-# --- public API ------------------------------------------------------------------------------
-
-EXPECTED_PUBLIC_API = [
-    "SCHEMA_VERSION",
-    "ChatInput",
-    "ChatMessage",
-    "ChatOutput",
-    "Decoded",
-    "ErrorCode",
-    "ErrorReply",
-    "InferenceRequest",
-    "InferenceResult",
-    "MLInput",
-    "MLOutput",
-    "Reply",
-    "ResultEnvelope",
-    "SamplingParams",
-    "SettlementRecord",
-    "Tensor",
-    "Topics",
-    "Undecodable",
-    "Usage",
-    "VerificationMode",
-    "canonical_bytes",
-    "decode",
-    "encode",
-    "envelope_digest",
-    "input_hash",
-    "output_hash",
-    "sha256_hex",
-    "verify_envelope_signature",
-]
-
-
-def test_public_api_is_frozen() -> None:
-    # Adding or removing a public name is a contract change: update this list and CHANGELOG.
-    assert sorted(schemas.__all__) == sorted(EXPECTED_PUBLIC_API)
-    assert len(set(schemas.__all__)) == len(schemas.__all__)
-
-
-@pytest.mark.parametrize("name", EXPECTED_PUBLIC_API)
-def test_public_names_are_importable(name: str) -> None:
-    module = importlib.import_module("schemas")
-    assert getattr(module, name) is not None
-    namespace: dict[str, Any] = {}
-    exec(f"from schemas import {name}", namespace)
-    assert namespace[name] is getattr(module, name)
 
 
 def test_schema_version_is_one() -> None:

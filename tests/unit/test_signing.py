@@ -12,16 +12,15 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from client.verify import verify_result
 from schemas.base import VerificationMode
 from schemas.requests import InferenceRequest, MLInput, Tensor, input_hash
 from schemas.results import InferenceResult, MLOutput, ResultEnvelope, Usage, output_hash
-from schemas.signing import envelope_digest, verify_envelope_signature
+from schemas.signing import Signer, envelope_digest, verify_envelope_signature
+from schemas.verify.result import verify_result
 from worker.engines import load_engine
-from worker.models.local_hub import LocalHub
+from worker.modelstore.local_hub import LocalHub
 from worker.pipeline import Pipeline
 from worker.trust.keys import KeyFileError, load_or_create_seed
-from worker.trust.signer import Signer
 
 SEED = bytes(range(32))
 OTHER_SEED = bytes(range(1, 33))

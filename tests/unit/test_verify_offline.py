@@ -1,5 +1,5 @@
 """``inference-node verify`` offline: signature, hashes, registration, attestation and policy,
-through the command's own entry point (``nodecli.verify_offline.main``), with real signatures
+through the command's own entry point (``schemas.verify.offline.main``), with real signatures
 (ed25519), a real registration record and a development attestation from the real provider."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dcap_qvl
 import pytest
 from nacl.public import PrivateKey
 
-from nodecli.verify_offline import load_policy, main
+from nodecli.verify import main
 from schemas import InferenceRequest, InferenceResult, MLInput, MLOutput, Tensor, Usage
 from schemas.attestation import Attestation, encode_b64
 from schemas.base import VerificationMode
@@ -25,8 +25,9 @@ from schemas.registry import (
 )
 from schemas.requests import input_hash
 from schemas.results import ResultEnvelope, output_hash
+from schemas.signing import Signer
+from schemas.verify.offline import load_policy
 from worker.trust.attestation import DevProvider, attest_node
-from worker.trust.signer import Signer
 
 DATA = Path(__file__).parents[1] / "data" / "attestation"
 NOW_MS = 1_795_000_000_000

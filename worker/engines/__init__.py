@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.engines.base import Engine, EngineResult
-from worker.models.refs import ModelFormat, ModelRef
+from worker.modelstore.refs import ModelFormat, ModelRef
 
 __all__ = ["Engine", "EngineResult", "load_engine"]
 

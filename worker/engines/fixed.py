@@ -17,7 +17,7 @@ from schemas.requests import ChatInput, MLInput
 from schemas.results import ErrorCode, MLOutput
 from worker.engines.base import EngineResult, RunContext
 from worker.errors import PermanentError
-from worker.models.refs import ModelRef
+from worker.modelstore.refs import ModelRef
 
 __all__ = ["FixedLatencyEngine"]
 

@@ -36,7 +36,7 @@ from schemas.requests import ChatInput, MLInput, SamplingParams
 from schemas.results import ChatOutput, ErrorCode, Usage
 from worker.engines.base import Delta, EngineResult, RunContext
 from worker.errors import PermanentError
-from worker.models.refs import ModelRef
+from worker.modelstore.refs import ModelRef
 
 __all__ = [
     "HFCausalLMEngine",

@@ -30,11 +30,12 @@ import numpy as np
 from pydantic import ValidationError
 
 from schemas import limits
+from schemas.fixedpoint import fixed_point_float
 from schemas.requests import ChatInput, MLInput, Tensor, TensorDType
 from schemas.results import ErrorCode, MLOutput, Usage
 from worker.engines.base import EngineResult, RunContext
 from worker.errors import PermanentError
-from worker.models.refs import ModelRef
+from worker.modelstore.refs import ModelRef
 
 __all__ = ["OnnxEngine"]
 
@@ -214,7 +215,7 @@ class OnnxEngine:
         self._check_shape(name, arg.shape, tensor.shape)
         data: list[Any] = tensor.data
         if want_dtype in {"float32", "float64"}:
-            data = [_fixed_to_float(v) if isinstance(v, dict) else v for v in data]
+            data = [fixed_point_float(v) if isinstance(v, dict) else v for v in data]
         with np.errstate(over="ignore"):  # overflow is reported below, not as a warning
             array = np.array(data, dtype=_WIRE_TO_NUMPY[want_dtype])
         if want_dtype == "float32" and not np.isfinite(array).all():
@@ -278,11 +279,6 @@ class OnnxEngine:
         return PermanentError(
             f"model {self._ref.name}: {message}", code=ErrorCode.INTERNAL, model=self._ref.name
         )
-
-
-def _fixed_to_float(element: dict[str, Any]) -> float:
-    # int / int is correctly rounded in Python: the nearest double to value / 10**decimals.
-    return float(element["value"] / 10 ** element["decimals"])
 
 
 def _numpy_to_wire(dtype: np.dtype[Any]) -> TensorDType | None:

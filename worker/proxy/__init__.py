@@ -4,8 +4,8 @@ Modules: ``settings`` (endpoints and the proxied-model registry), ``translate`` 
 format → each provider), ``assemble`` (provider pieces → the ``ChatOutput`` clients receive),
 ``errors`` (failure classification, typed errors), ``resilience`` (retries, Retry-After,
 failover, circuit breakers), ``metering`` (token cost hook), ``engine`` (what provider engines
-share) and ``loader``. The provider engines live in ``worker.engines.openai`` and
-``worker.engines.anthropic``. See docs/PROXY.md.
+share) and ``loader``. The provider engines live in ``worker.proxy.openai_engine`` and
+``worker.proxy.anthropic_engine``. See docs/PROXY.md.
 """
 
 from worker.proxy.loader import load_proxy_engines

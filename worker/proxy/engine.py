@@ -1,6 +1,6 @@
 """What every proxy engine shares: the Engine protocol on top of a provider-specific call.
 
-A provider engine (``worker.engines.openai``, ``worker.engines.anthropic``) supplies two
+A provider engine (``worker.proxy.openai_engine``, ``worker.proxy.anthropic_engine``) supplies two
 things: ``translate`` (our ``ChatInput`` → SDK keyword arguments, refusing what the provider
 cannot do) and ``call`` (one SDK call that feeds an ``OutputBuilder`` and translates SDK
 exceptions into ``ProviderFailure`` where they enter our code). This class adds the rest:

@@ -13,7 +13,7 @@ from typing import Any
 
 from worker.engines.base import Engine
 from worker.proxy.engine import ProxyEngine, SharedClient
-from worker.proxy.resilience import CircuitBreaker, EndpointSlot, RetryRunner
+from worker.proxy.resilience import CircuitBreaker, EndpointSlot, ProviderObserver, RetryRunner
 from worker.proxy.settings import Endpoint, Provider, ProxiedModel, ProxySettings
 
 __all__ = ["load_proxy_engines", "quiet_sdk_loggers"]
@@ -34,11 +34,11 @@ def quiet_sdk_loggers() -> None:
 
 def _new_client(endpoint: Endpoint, key: Any) -> SharedClient[Any]:
     if endpoint.provider is Provider.OPENAI:
-        from worker.engines.openai import new_openai_client
+        from worker.proxy.openai_engine import new_openai_client
 
         openai_client = new_openai_client(endpoint.url, key)
         return SharedClient(openai_client, openai_client.close)
-    from worker.engines.anthropic import new_anthropic_client
+    from worker.proxy.anthropic_engine import new_anthropic_client
 
     anthropic_client = new_anthropic_client(endpoint.url, key)
     return SharedClient(anthropic_client, anthropic_client.close)
@@ -51,10 +51,10 @@ def _engine(
     runner: RetryRunner,
 ) -> ProxyEngine[Any]:
     if model.provider is Provider.ANTHROPIC:
-        from worker.engines.anthropic import AnthropicEngine
+        from worker.proxy.anthropic_engine import AnthropicEngine
 
         return AnthropicEngine(model, slots, shared, runner)
-    from worker.engines.openai import OpenAIChatEngine, OpenAICompletionsEngine
+    from worker.proxy.openai_engine import OpenAIChatEngine, OpenAICompletionsEngine
 
     if model.api == "completions":
         return OpenAICompletionsEngine(model, slots, shared, runner)
@@ -62,13 +62,17 @@ def _engine(
 
 
 async def load_proxy_engines(
-    settings: ProxySettings, *, runner: RetryRunner | None = None
+    settings: ProxySettings,
+    *,
+    runner: RetryRunner | None = None,
+    metrics: ProviderObserver | None = None,
 ) -> dict[str, Engine]:
-    """One engine per proxied model, keyed by its name. ``runner`` is for tests (clocks)."""
+    """One engine per proxied model, keyed by its name. ``runner`` is for tests (clocks);
+    ``metrics`` receives every provider call, error and retry."""
     if not settings.models:
         return {}
     quiet_sdk_loggers()
-    runner = runner or RetryRunner(settings.retry)
+    runner = runner or RetryRunner(settings.retry, observer=metrics)
     used = {name for model in settings.models for name in model.endpoints}
     clients: dict[str, SharedClient[Any]] = {}
     slots: dict[str, EndpointSlot[Any]] = {}
@@ -81,7 +85,9 @@ async def load_proxy_engines(
                 raise ValueError(f"proxy endpoint {name}: {e}") from None
             clients[name] = _new_client(endpoint, key)
             breaker = CircuitBreaker(settings.breaker, name=name)
-            slots[name] = EndpointSlot(name, clients[name].client, breaker)
+            slots[name] = EndpointSlot(
+                name, clients[name].client, breaker, provider=endpoint.provider.value
+            )
     except BaseException:
         for client in clients.values():
             client.hold()

@@ -27,13 +27,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from schemas.results import ErrorCode
 from worker.proxy.errors import FailureKind, ProviderFailure, ProxyError
 from worker.proxy.settings import BreakerSettings, RetrySettings
 
-__all__ = ["BreakerState", "CircuitBreaker", "EndpointSlot", "RetryRunner", "backoff_s"]
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "EndpointSlot",
+    "ProviderObserver",
+    "RetryRunner",
+    "backoff_s",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,18 @@ class EndpointSlot(Generic[C]):
     breaker: CircuitBreaker
     not_before_s: float = field(default=0.0)
     """Monotonic time before which the provider asked us not to call (Retry-After)."""
+    provider: str = "unknown"
+    """``openai`` or ``anthropic``: the metrics label of calls through this endpoint."""
+
+
+class ProviderObserver(Protocol):
+    """What the runner reports about provider calls (``worker.metrics.WorkerMetrics``)."""
+
+    def provider_call(self, provider: str, seconds: float) -> None: ...
+
+    def provider_error(self, provider: str, code: ErrorCode | str) -> None: ...
+
+    def provider_retry(self, provider: str) -> None: ...
 
 
 def backoff_s(retry: int, policy: RetrySettings, rng: Callable[[], float] = random.random) -> float:
@@ -140,11 +159,13 @@ class RetryRunner:
         clock: Clock = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        observer: ProviderObserver | None = None,
     ) -> None:
         self._policy = policy
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
+        self._observer = observer
 
     async def run(
         self,
@@ -174,6 +195,8 @@ class RetryRunner:
                 raise _give_up(last) if last else _timeout()
             if wait_s > 0:
                 await self._sleep(wait_s)
+            if last is not None and self._observer is not None:
+                self._observer.provider_retry(slot.provider)
             if not slot.breaker.acquire():
                 last_slot = slot
                 continue  # another request took the half-open probe meanwhile
@@ -181,6 +204,7 @@ class RetryRunner:
             if budget_s <= 0:
                 slot.breaker.release()
                 raise _give_up(last) if last else _timeout()
+            started_s = self._clock()
             try:
                 async with asyncio.timeout(budget_s):
                     result = await call(slot, budget_s)
@@ -188,6 +212,8 @@ class RetryRunner:
                 failure = (
                     e if isinstance(e, ProviderFailure) else ProviderFailure(FailureKind.TIMEOUT)
                 )
+                if self._observer is not None:
+                    self._observer.provider_error(slot.provider, failure.kind.code)
                 if failure.kind is FailureKind.TIMEOUT and budget_s < timeout_s:
                     # The request's own deadline cut the call short: not the endpoint's fault
                     # (a client with tiny deadlines must not open circuits for everyone).
@@ -204,6 +230,8 @@ class RetryRunner:
                 slot.breaker.release()
                 raise
             slot.breaker.record_success()
+            if self._observer is not None:
+                self._observer.provider_call(slot.provider, self._clock() - started_s)
             return result
         raise _give_up(last) if last else _unavailable()
 

@@ -3,7 +3,7 @@
 Nothing extra happens per request: the guarantee comes from the node's registration, whose
 attestation binds the signing key to a measured TEE image. The node accepts TEE requests only
 when it has such evidence; settlement and clients accept TEE-mode records only from nodes whose
-evidence verifies under their policy (``client.registry``).
+evidence verifies under their policy (``schemas.verify.registry``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ class TeeMode:
     """``ModeHandler`` for ``VerificationMode.TEE``."""
 
     def __init__(self, attestation: Attestation | None) -> None:
+        self._attested = attestation is not None
+
+    def update(self, attestation: Attestation | None) -> None:
+        """Re-attestation: fresh evidence replaces the old."""
         self._attested = attestation is not None
 
     def accepts(self, model: str) -> bool:

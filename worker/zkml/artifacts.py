@@ -33,15 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from schemas.proofs import (
-    DEV_SRS_PREFIX,
-    MAX_INSTANCES,
-    CircuitManifest,
-    CircuitTensor,
-    dequantize,
-    felt_to_int,
-)
-from worker.models.locks import held_lock
+from schemas.fixedpoint import dequantize, felt_to_int
+from schemas.proofs import DEV_SRS_PREFIX, MAX_INSTANCES, CircuitManifest, CircuitTensor
+from worker.modelstore.locks import held_lock
 from worker.zkml.files import atomic_copy, file_sha256
 from worker.zkml.settings import CircuitOptions
 from worker.zkml.srs import DevSrs, SrsError, SrsSource, ensure_srs

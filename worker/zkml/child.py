@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.processes import run_python_module
+from infra.children import run_python_module
 
-__all__ = ["ChildFailed", "ChildTimeout", "run_child"]
+__all__ = ["ChildFailed", "ChildTimeout", "main", "run_child"]
 
 
 class ChildFailed(Exception):

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from infra.kafka.ports import Producer
+from infra.lifecycle import Supervisor
 from schemas import topics as t
 from schemas.codec import encode
 from schemas.proofs import ProofRecord
@@ -25,8 +27,8 @@ from schemas.results import MLOutput, ResultEnvelope
 from schemas.topics import Topics
 from schemas.version import SCHEMA_VERSION
 from worker.engines.base import EngineResult
-from worker.models.cache import ModelCache
-from worker.models.refs import ModelFormat
+from worker.modelstore.cache import ModelCache
+from worker.modelstore.refs import ModelFormat
 from worker.zkml.artifacts import PreparedCircuit, load_prepared
 from worker.zkml.child import ChildFailed, run_child
 from worker.zkml.prover import (
@@ -66,12 +68,14 @@ class ZkmlModeHandler:
         settings: ZkSettings,
         *,
         metrics: ProofMetrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.circuits = dict(circuits)
         self.queue = ProofQueue(signer, publish, settings, metrics=metrics)
+        self._supervisor = supervisor
 
     def start(self) -> None:
-        self.queue.start()
+        self.queue.start(self._supervisor.spawn if self._supervisor is not None else None)
 
     async def close(self, drain_timeout_s: float) -> None:
         await self.queue.close(drain_timeout_s)
@@ -172,7 +176,7 @@ async def _prepare_in_child(
     return await asyncio.to_thread(load_prepared, root, ref.digest, settings.circuit, srs)
 
 
-def proof_publisher(producer: Any, topics: Topics) -> ProofPublish:
+def proof_publisher(producer: Producer, topics: Topics) -> ProofPublish:
     """Publish proof records on ``<ns>.settlement`` (key: node id), acknowledged."""
     headers = [(t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.models.cache import ModelCache
-from worker.models.refs import ModelFormat
+from worker.modelstore.cache import ModelCache
+from worker.modelstore.refs import ModelFormat
 from worker.zkml.artifacts import export_verifier, prepare_circuit
 from worker.zkml.handler import ZkConfigError, srs_source
 from worker.zkml.settings import ZkSettings

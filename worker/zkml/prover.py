@@ -23,7 +23,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -32,18 +32,12 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from schemas.codec import encode
+from schemas.fixedpoint import element_float, felt_to_int
 from schemas.limits import MAX_MESSAGE_BYTES
-from schemas.proofs import (
-    PROOF_DOMAIN,
-    ProofClaims,
-    ProofRecord,
-    dequantize,
-    element_float,
-    felt_to_int,
-    quantize,
-)
+from schemas.proofs import PROOF_DOMAIN, ProofClaims, ProofRecord
 from schemas.requests import MLInput, input_hash
 from schemas.results import MLOutput, ResultEnvelope, output_hash
+from schemas.verify.zkml import instance_problem
 from worker.zkml.artifacts import PreparedCircuit
 from worker.zkml.child import ChildFailed, ChildTimeout, run_child
 from worker.zkml.settings import ZkSettings
@@ -62,10 +56,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProofPublish = Callable[[ProofRecord], Awaitable[None]]
+Spawn = Callable[[str, Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class ProofSigner(Protocol):
-    """The node identity (``worker.trust.signer.Signer`` is one)."""
+    """The node identity (``schemas.signing.Signer`` is one)."""
 
     @property
     def node_id(self) -> str: ...
@@ -152,9 +147,12 @@ class ProofQueue:
         self.stats: Counter[str] = Counter()
         """How many submissions and proofs ended in each outcome (by its value)."""
 
-    def start(self) -> None:
+    def start(self, spawn: Spawn | None = None) -> None:
+        """Start the provers; ``spawn`` (a ``Supervisor.spawn``) supervises them, so a prover
+        that dies fails the worker's readiness instead of leaving proofs silently queued."""
+        spawn = spawn or (lambda name, coro: asyncio.create_task(coro, name=name))
         self._workers = [
-            asyncio.create_task(self._work(), name=f"zk-prover-{i}")
+            spawn(f"zk-prover-{i}", self._work())
             for i in range(self._settings.max_concurrent_proofs)
         ]
 
@@ -196,10 +194,12 @@ class ProofQueue:
         rest (their child processes are killed)."""
         self._closed = True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), drain_timeout_s)
+            async with asyncio.timeout(drain_timeout_s):
+                await self._queue.join()
         for task in self._workers:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._workers:
+            await asyncio.wait(self._workers, timeout=max(1.0, drain_timeout_s / 4))
         self._workers = []
 
     async def _work(self) -> None:
@@ -283,16 +283,14 @@ class ProofQueue:
             at += spec.size
         if at != len(values):
             return ProofOutcome.PROVER_FAILED
-        for spec, got in zip(m.inputs, public_inputs, strict=True):
-            data = job.payload.tensors[spec.name].data
-            kind = spec.input_type or "F32"
-            if [quantize(element_float(x), spec.scale, kind) for x in data] != got:
-                return ProofOutcome.PROVER_FAILED  # EZKL read the input another way
-        for spec, got in zip(m.outputs, public_outputs, strict=True):
-            signed = job.output.tensors[spec.name].data
-            for q, value in zip(got, signed, strict=True):
-                if abs(dequantize(q, spec.scale) - element_float(value)) > m.output_tolerance:
-                    return ProofOutcome.OUTPUT_MISMATCH
+        problem = instance_problem(m, job.payload, job.output, public_inputs, public_outputs)
+        if problem is not None:
+            # Outputs out of tolerance: the runtime and the circuit disagree on this input;
+            # anything else: EZKL read the input another way than the protocol says.
+            reason = problem[0]
+            if reason == "output_out_of_tolerance":
+                return ProofOutcome.OUTPUT_MISMATCH
+            return ProofOutcome.PROVER_FAILED
         e = job.envelope
         try:
             claims = ProofClaims(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.proofs import DEV_SRS_PREFIX
-from worker.models.locks import held_lock
+from worker.modelstore.locks import held_lock
 from worker.zkml.files import atomic_copy, atomic_write, file_sha256
 
 __all__ = ["DevSrs", "SrsError", "SrsFile", "SrsSource", "ensure_srs"]

@@ -14,7 +14,7 @@ import sys
 from pydantic import SecretStr
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
-from infra.chain import DEV_ACCOUNTS, dev_private_key
+from infra.dev.anvil import DEV_ACCOUNTS, dev_private_key
 from settlement.chain import ChainSettings, SettlementChain
 
 

@@ -3,7 +3,7 @@
 One ``AttestationProvider`` protocol (``base``), one file per implementation: ``configfs_tsm``
 (Intel TDX, AMD SEV-SNP), ``nitro`` (AWS Nitro Enclaves), ``dev`` (no TEE, clearly labelled).
 ``load_attestation_provider(settings)`` picks one; ``attest_node`` binds the node's keys.
-Verification lives in ``client.attestation``.
+Verification lives in ``schemas.verify.attestation``.
 """
 
 from worker.trust.attestation.base import (

@@ -6,7 +6,8 @@ Inside an enclave the NSM driver takes one ioctl, ``NSM_IOCTL_REQUEST`` =
 "nonce": bytes | null, "public_key": bytes | null}}``; the answer is CBOR
 ``{"Attestation": {"document": bytes}}`` or ``{"Error": "<code>"}``
 (aws-nitro-enclaves-nsm-api). The node's 64-byte binding goes in ``user_data``; the document
-is a COSE_Sign1 signed by a key that chains to AWS's Nitro root (``client.attestation.nitro``).
+is a COSE_Sign1 signed by a key that chains to AWS's Nitro root
+(``schemas.verify.attestation.nitro``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,218 @@
+"""``inference-node stack up|down|status``: the local development stack.
+
+Everything runs as detached processes tracked by pid files under the state directory (default
+``var/``): the Tansu broker, an anvil chain with the Settlement contract, one worker and the
+settlement service (anchoring Merkle roots on that chain); logs go to ``var/log``. ``up`` is
+idempotent: a component already running is left alone. The chain uses anvil's well-known
+development key as relayer: for local use only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from infra.dev.anvil import (
+    DEV_ACCOUNTS,
+    ChainAlreadyRunning,
+    dev_private_key,
+    rpc_ready,
+    start_anvil,
+    stop_anvil,
+)
+from infra.dev.broker import BrokerAlreadyRunning, kafka_api_versions_ok, start_broker, stop_broker
+from infra.dev.demo_models import build_demo_hub
+from infra.dev.processes import running_pid, stop_pidfile
+from infra.kafka.admin import ensure_topics
+from schemas.topics import standard_topics
+from settlement.chain import ChainError, ChainSettings, SettlementChain
+
+__all__ = ["StackConfig", "stack_down", "stack_status", "stack_up"]
+
+DEMO_MODELS = ("demo-mlp", "demo-lm")
+_SERVICES = ("worker", "settlement")
+_MARKER = b"nodecli"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    state_dir: Path = Path("var")
+    host: str = "127.0.0.1"
+    port: int = 9092
+    namespace: str = "og"
+    chain_port: int = 8545
+    ready_timeout_s: float = 120.0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://{self.host}:{self.chain_port}"
+
+    def path(self, *parts: str) -> Path:
+        return self.state_dir.joinpath(*parts)
+
+
+def _service_env(cfg: StackConfig, service: str) -> dict[str, str]:
+    prefix = "OG_WORKER_" if service == "worker" else "OG_SETTLEMENT_"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OG_WORKER_", "OG_SETTLEMENT_"))
+    }
+    env |= {
+        prefix + "KAFKA__BOOTSTRAP_SERVERS": cfg.bootstrap,
+        prefix + "NAMESPACE": cfg.namespace,
+    }
+    if service == "worker":
+        env |= {
+            "OG_WORKER_MODELS": json.dumps(list(DEMO_MODELS)),
+            "OG_WORKER_HUB_DIR": str(cfg.path("hub")),
+            "OG_WORKER_CACHE_DIR": str(cfg.path("cache")),
+            "OG_WORKER_KEY_DIR": str(cfg.path("keys")),
+        }
+    else:
+        contract = json.loads(cfg.path("chain.json").read_text())["contract_address"]
+        env |= {
+            "OG_SETTLEMENT_LEDGER_URL": str(cfg.path("settlement", "ledger.sqlite3")),
+            "OG_SETTLEMENT_ANCHOR": "true",
+            "OG_SETTLEMENT_CHAIN__RPC_URL": cfg.rpc_url,
+            "OG_SETTLEMENT_CHAIN__CONTRACT_ADDRESS": contract,
+            "OG_SETTLEMENT_CHAIN__RELAYER_KEY": dev_private_key(0),
+            "OG_SETTLEMENT_MERKLE_BATCH_MAX_AGE_S": "2",
+        }
+    return env
+
+
+def _chain_up(cfg: StackConfig) -> str:
+    """Start anvil and deploy the Settlement contract unless the recorded one is there."""
+    try:
+        start_anvil(
+            cfg.host,
+            cfg.chain_port,
+            log_path=cfg.path("log", "anvil.log"),
+            pid_path=cfg.path("run", "anvil.pid"),
+            detach=True,
+        )
+    except ChainAlreadyRunning:
+        pass
+    record = cfg.path("chain.json")
+    settings = ChainSettings(rpc_url=cfg.rpc_url, relayer_key=SecretStr(dev_private_key(0)))
+    if record.exists():
+        address = str(json.loads(record.read_text())["contract_address"])
+        try:
+            asyncio.run(_probe(settings.model_copy(update={"contract_address": address})))
+            return address
+        except ChainError:
+            pass  # anvil keeps no state across restarts: deploy again
+    address = asyncio.run(SettlementChain.deploy(settings, DEV_ACCOUNTS[0]))
+    record.write_text(json.dumps({"rpc_url": cfg.rpc_url, "contract_address": address}) + "\n")
+    return address
+
+
+async def _probe(settings: ChainSettings) -> None:
+    chain = await SettlementChain.connect(settings)
+    await chain.close()
+
+
+def _start_service(cfg: StackConfig, service: str) -> None:
+    pid_path = cfg.path("run", f"{service}.pid")
+    if running_pid(pid_path, _MARKER) is not None:
+        return
+    ready = cfg.path("run", f"{service}.ready")
+    ready.unlink(missing_ok=True)
+    log_path = cfg.path("log", f"{service}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "nodecli.main", service, "--ready-file", str(ready)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=_service_env(cfg, service),
+            start_new_session=True,
+        )
+    pid_path.write_text(f"{proc.pid}\n")
+
+
+def _wait_ready(cfg: StackConfig, service: str) -> None:
+    deadline = time.monotonic() + cfg.ready_timeout_s
+    ready = cfg.path("run", f"{service}.ready")
+    pid_path = cfg.path("run", f"{service}.pid")
+    while not ready.exists():
+        if running_pid(pid_path, _MARKER) is None:
+            raise RuntimeError(
+                f"{service} exited during start-up; see {cfg.path('log', service)}.log"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{service} not ready after {cfg.ready_timeout_s} s")
+        time.sleep(0.1)
+
+
+def stack_up(cfg: StackConfig) -> dict[str, object]:
+    """Start broker, topics, demo models, worker and settlement; return the status."""
+    try:
+        start_broker(
+            cfg.host,
+            cfg.port,
+            log_path=cfg.path("log", "broker.log"),
+            pid_path=cfg.path("run", "broker.pid"),
+            detach=True,
+        )
+    except BrokerAlreadyRunning:
+        pass
+    _chain_up(cfg)
+    build_demo_hub(cfg.path("hub"))
+    asyncio.run(ensure_topics(cfg.bootstrap, standard_topics(cfg.namespace, DEMO_MODELS)))
+    for service in _SERVICES:
+        _start_service(cfg, service)
+    for service in _SERVICES:
+        _wait_ready(cfg, service)
+    return stack_status(cfg)
+
+
+def stack_down(cfg: StackConfig) -> dict[str, bool]:
+    """Stop services first (they drain and commit), then the broker."""
+    stopped = {
+        service: stop_pidfile(cfg.path("run", f"{service}.pid"), marker=_MARKER, timeout_s=30.0)
+        for service in _SERVICES
+    }
+    stopped["broker"] = stop_broker(cfg.path("run", "broker.pid"))
+    stopped["chain"] = stop_anvil(cfg.path("run", "anvil.pid"))
+    return stopped
+
+
+def stack_status(cfg: StackConfig) -> dict[str, object]:
+    status: dict[str, object] = {
+        "bootstrap": cfg.bootstrap,
+        "namespace": cfg.namespace,
+        "broker": {"ready": kafka_api_versions_ok(cfg.host, cfg.port)},
+        "chain": {"ready": rpc_ready(cfg.rpc_url), "rpc_url": cfg.rpc_url},
+    }
+    for service in _SERVICES:
+        pid = running_pid(cfg.path("run", f"{service}.pid"), _MARKER)
+        status[service] = {
+            "pid": pid,
+            "running": pid is not None,
+            "ready": pid is not None and cfg.path("run", f"{service}.ready").exists(),
+        }
+    return status
+
+
+def local_chain(chain: ChainSettings, state_dir: Path) -> ChainSettings:
+    """``chain`` with the contract of the local stack in ``state_dir`` filled in, when the
+    settings name none and a stack was brought up there (``chain.json``)."""
+    record = state_dir / "chain.json"
+    if chain.contract_address is not None or not record.exists():
+        return chain
+    address = json.loads(record.read_text())["contract_address"]
+    return chain.model_copy(update={"contract_address": address})

@@ -1,0 +1,249 @@
+"""The Kafka ports on a real cluster, through aiokafka.
+
+Thin adapters: they pass calls through, convert ``TopicPartition`` to aiokafka's own (aiokafka
+checks the type), and translate aiokafka's exceptions into the ports' (``infra.kafka.ports``)
+where they leave this module, so no service imports aiokafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+)
+from aiokafka import TopicPartition as _TP
+from aiokafka.errors import (  # type: ignore[import-untyped]
+    CommitFailedError,
+    ConsumerStoppedError,
+    IllegalGenerationError,
+    IllegalOperation,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RebalanceInProgressError,
+    RecordTooLargeError,
+    UnknownMemberIdError,
+    UnknownTopicOrPartitionError,
+)
+
+from infra.kafka.ports import (
+    BrokerUnavailable,
+    CommitFailed,
+    Consumer,
+    Headers,
+    KafkaPortError,
+    MessageTooLarge,
+    Producer,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+    UnknownTopic,
+)
+from infra.kafka.settings import KafkaSettings
+
+__all__ = ["AiokafkaConsumer", "AiokafkaProducer", "ClusterKafka", "translate"]
+
+_LAG_TIMEOUT_S = 1.0
+_REBALANCE = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError)
+
+
+def translate(error: BaseException) -> KafkaPortError:
+    """The port exception for an aiokafka exception (its message never carries payloads)."""
+    if isinstance(error, (*_REBALANCE, UnknownMemberIdError)):
+        return CommitFailed(type(error).__name__)
+    if isinstance(error, MessageSizeTooLargeError | RecordTooLargeError):
+        return MessageTooLarge(type(error).__name__)
+    if isinstance(error, UnknownTopicOrPartitionError):
+        return UnknownTopic(type(error).__name__)
+    if isinstance(error, IllegalStateError | IllegalOperation):
+        # Refused in the consumer's state (partition not assigned, no group_id): not an outage.
+        return KafkaPortError(type(error).__name__)
+    return BrokerUnavailable(type(error).__name__)  # ConsumerStoppedError included
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except (KafkaError, IllegalOperation, ConsumerStoppedError) as e:
+        raise translate(e) from e
+
+
+def _tp(tp: TopicPartition) -> Any:
+    return _TP(tp.topic, tp.partition)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, listener: RebalanceListener) -> None:
+        self._listener = listener
+
+    async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+        await self._listener.on_partitions_revoked({TopicPartition(*tp) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
+        await self._listener.on_partitions_assigned({TopicPartition(*tp) for tp in assigned})
+
+
+class AiokafkaConsumer(Consumer):
+    def __init__(self, settings: KafkaSettings, group_id: str | None) -> None:
+        self._consumer = AIOKafkaConsumer(**settings.consumer_kwargs(group_id))
+
+    async def start(self) -> None:
+        async with _translated():
+            await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener | None = None) -> None:
+        wrapped = _Listener(listener) if listener is not None else None
+        self._consumer.subscribe(topics=list(topics), listener=wrapped)
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        self._consumer.assign([_tp(tp) for tp in partitions])
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(*tp) for tp in self._consumer.assignment()}
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        async with _translated():
+            await self._consumer.topics()  # refreshes metadata
+        return set(self._consumer.partitions_for_topic(topic) or ())
+
+    async def getmany(
+        self, *, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Record]]:
+        # aiokafka's TopicPartition is a NamedTuple equal to (and hashing as) ours.
+        async with _translated():
+            batches: Mapping[TopicPartition, Sequence[Record]] = await self._consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+        return batches
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self._consumer.pause(*(_tp(tp) for tp in partitions))
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self._consumer.resume(*(_tp(tp) for tp in partitions))
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        try:
+            await self._consumer.commit({_tp(tp): offset for tp, offset in offsets.items()})
+        except IllegalStateError as e:  # a partition no longer assigned: the group moved on
+            raise CommitFailed(type(e).__name__) from e
+        except (KafkaError, IllegalOperation) as e:
+            raise translate(e) from e
+
+    async def committed(self, partition: TopicPartition) -> int | None:
+        async with _translated():
+            offset = await self._consumer.committed(_tp(partition))
+        return None if offset is None else int(offset)
+
+    async def position(self, partition: TopicPartition) -> int:
+        async with _translated():
+            return int(await self._consumer.position(_tp(partition)))
+
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        async with _translated():
+            ends = await self._consumer.end_offsets([_tp(tp) for tp in partitions])
+        return {TopicPartition(*tp): int(offset) for tp, offset in ends.items()}
+
+    async def lag(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        lags: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            try:
+                highwater = self._consumer.highwater(_tp(tp))
+                if highwater is None:
+                    continue
+                async with asyncio.timeout(_LAG_TIMEOUT_S):
+                    position = await self._consumer.position(_tp(tp))
+            except (AssertionError, IllegalStateError, KafkaError, TimeoutError):
+                continue  # not assigned (any more), or not resolvable now
+            lags[tp] = max(0, int(highwater) - int(position))
+        return lags
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        async with _translated():
+            await self._consumer.seek_to_beginning(*(_tp(tp) for tp in partitions))
+
+    async def seek_to_end(self, *partitions: TopicPartition) -> None:
+        async with _translated():
+            await self._consumer.seek_to_end(*(_tp(tp) for tp in partitions))
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self._consumer.seek(_tp(partition), offset)
+
+
+class _Ack:
+    """Awaits aiokafka's delivery future and translates its exception (no task per message)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Awaitable[object]) -> None:
+        self._future = future
+
+    def __await__(self) -> Generator[Any, None, object]:
+        try:
+            return (yield from self._future.__await__())
+        except KafkaError as e:
+            raise translate(e) from e
+
+
+class AiokafkaProducer(Producer):
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._producer = AIOKafkaProducer(**settings.producer_kwargs())
+        self._max_message_bytes = settings.max_request_size_bytes
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._max_message_bytes
+
+    async def start(self) -> None:
+        async with _translated():
+            await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> Awaitable[object]:
+        async with _translated():
+            future = await self._producer.send(
+                topic, value, key=key, headers=list(headers) if headers else None
+            )
+        return _Ack(future)
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> None:
+        await (await self.send(topic, value, key=key, headers=headers))
+
+
+class ClusterKafka:
+    """``infra.kafka.ports.Kafka`` for a real cluster described by ``KafkaSettings``."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+
+    def consumer(self, group_id: str | None) -> AiokafkaConsumer:
+        return AiokafkaConsumer(self.settings, group_id)
+
+    def producer(self) -> AiokafkaProducer:
+        return AiokafkaProducer(self.settings)

@@ -1,0 +1,177 @@
+"""Kafka port wrappers that let a test watch a service from the inside, on any backend.
+
+``AuditedConsumer`` passes every call through, and reports each batch fetched and each commit
+(before it reaches the cluster) to callbacks; ``fail_commits(n)`` makes the next ``n`` commits
+raise ``BrokerUnavailable`` without committing, as a process dying between its work and its
+commit would leave things. ``AuditedProducer`` reports each message once the cluster has
+acknowledged it. ``AuditedKafka`` wraps the group consumers a service builds itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+
+from infra.kafka.ports import (
+    BrokerUnavailable,
+    Consumer,
+    Headers,
+    Kafka,
+    Producer,
+    RebalanceListener,
+    Record,
+    TopicPartition,
+)
+
+__all__ = ["AuditedConsumer", "AuditedKafka", "AuditedProducer"]
+
+OnFetch = Callable[[Mapping[TopicPartition, Sequence[Record]]], None]
+OnCommit = Callable[[Mapping[TopicPartition, int]], None]
+OnAck = Callable[[str, bytes | None, bytes | None], None]
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
+class AuditedConsumer(Consumer):
+    def __init__(
+        self, inner: Consumer, *, on_fetch: OnFetch = _ignore, on_commit: OnCommit = _ignore
+    ) -> None:
+        self.inner = inner
+        self._on_fetch = on_fetch
+        self._on_commit = on_commit
+        self._failing_commits = 0
+
+    def fail_commits(self, count: int) -> None:
+        self._failing_commits = count
+
+    async def getmany(
+        self, *, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Record]]:
+        batches = await self.inner.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        if batches:
+            self._on_fetch(batches)
+        return batches
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if self._failing_commits > 0:
+            self._failing_commits -= 1
+            raise BrokerUnavailable("injected: the process died before its commit")
+        self._on_commit(offsets)
+        await self.inner.commit(offsets)
+
+    # -- passed through --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener | None = None) -> None:
+        self.inner.subscribe(topics, listener)
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        self.inner.assign(partitions)
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.inner.assignment()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return await self.inner.partitions_for(topic)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.inner.pause(*partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.inner.resume(*partitions)
+
+    async def committed(self, partition: TopicPartition) -> int | None:
+        return await self.inner.committed(partition)
+
+    async def position(self, partition: TopicPartition) -> int:
+        return await self.inner.position(partition)
+
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return await self.inner.end_offsets(partitions)
+
+    async def lag(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return await self.inner.lag(partitions)
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        await self.inner.seek_to_beginning(*partitions)
+
+    async def seek_to_end(self, *partitions: TopicPartition) -> None:
+        await self.inner.seek_to_end(*partitions)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.inner.seek(partition, offset)
+
+
+class AuditedProducer(Producer):
+    def __init__(self, inner: Producer, on_ack: OnAck) -> None:
+        self.inner = inner
+        self._on_ack = on_ack
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.inner.max_message_bytes
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> Awaitable[object]:
+        ack = await self.inner.send(topic, value, key=key, headers=headers)
+
+        async def acked() -> object:
+            result = await ack
+            self._on_ack(topic, key, value)
+            return result
+
+        # A task, not a bare coroutine: an ack nobody awaits must not warn.
+        return asyncio.ensure_future(acked())
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> None:
+        await (await self.send(topic, value, key=key, headers=headers))
+
+
+class AuditedKafka(Kafka):
+    """``inner``, with its group consumers wrapped in ``AuditedConsumer`` (kept in
+    ``consumers``); group-less consumers and producers are passed through."""
+
+    def __init__(
+        self, inner: Kafka, *, on_fetch: OnFetch = _ignore, on_commit: OnCommit = _ignore
+    ) -> None:
+        self.inner = inner
+        self._on_fetch = on_fetch
+        self._on_commit = on_commit
+        self.consumers: list[AuditedConsumer] = []
+
+    def consumer(self, group_id: str | None) -> Consumer:
+        consumer = self.inner.consumer(group_id)
+        if group_id is None:
+            return consumer
+        audited = AuditedConsumer(consumer, on_fetch=self._on_fetch, on_commit=self._on_commit)
+        self.consumers.append(audited)
+        return audited
+
+    def producer(self) -> Producer:
+        return self.inner.producer()

@@ -1,0 +1,128 @@
+"""Helpers for tests that talk to the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from infra.kafka import KafkaSettings
+
+
+def fast_kafka(bootstrap: str) -> KafkaSettings:
+    """Short group timeouts: joins take ~2 s instead of ~5 s on Tansu (see FIELD-NOTES)."""
+    return KafkaSettings(
+        bootstrap_servers=bootstrap, session_timeout_ms=3000, heartbeat_interval_ms=500
+    )
+
+
+async def read_topic(bootstrap: str, topic: str, *, idle_s: float = 1.0) -> list[Any]:
+    """Every message on ``topic`` from the beginning, until nothing new arrives for idle_s."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        messages: list[Any] = []
+        while True:
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
+            if not batch:
+                return messages
+            for records in batch.values():
+                messages.extend(records)
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer.stop()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout_s: float = 30.0
+) -> None:
+    """Poll ``check`` until it holds; fail with a clear message otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.1)
+
+
+async def register_node(
+    bootstrap: str,
+    registry_topic: str,
+    signer: Any,
+    *,
+    models: tuple[str, ...] = ("demo-mlp",),
+    heartbeat_interval_s: float = 3600.0,
+) -> None:
+    """Publish a valid registration for ``signer`` (a ``schemas.signing.Signer``), as a
+    worker would, so settlement accepts records it signs. A long heartbeat interval keeps it
+    fresh for the whole test."""
+    import time
+
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.base import VerificationMode
+    from schemas.codec import encode
+    from schemas.registry import (
+        REGISTRATION_DOMAIN,
+        NodeRegistration,
+        RegisteredModel,
+        RegistrationRecord,
+        registration_key,
+    )
+
+    now_ms = time.time_ns() // 1_000_000
+    registration = NodeRegistration(
+        node_id=signer.node_id,
+        x25519_public_key="00" * 32,
+        chain_address="0x" + "00" * 20,
+        models=[
+            RegisteredModel(name=m, digest="ab" * 32, modes=[VerificationMode.VANILLA])
+            for m in models
+        ],
+        software_version="test",
+        started_unix_ms=now_ms - 60_000,
+        heartbeat_unix_ms=now_ms,
+        heartbeat_interval_s=heartbeat_interval_s,
+    )
+    record = RegistrationRecord(
+        registration=registration, signature=signer.sign(REGISTRATION_DOMAIN, registration)
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            registry_topic, encode(record), key=registration_key(signer.node_id)
+        )
+    finally:
+        await producer.stop()
+
+
+def settlement_counts(service: Any) -> dict[str, float]:
+    """What a running ``SettlementService`` has done, read from its own metrics registry:
+    ``verified``, ``stored`` and ``rejected`` record counts."""
+    registry = service.metrics.registry
+    rejected = sum(
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "og_settlement_rejections"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    return {
+        "verified": registry.get_sample_value("og_settlement_records_verified_total") or 0.0,
+        "stored": registry.get_sample_value("og_settlement_records_stored_total") or 0.0,
+        "rejected": rejected,
+    }
