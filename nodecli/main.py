@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _print_json(obj: Any) -> None:
@@ -32,7 +32,7 @@ def _fail(message: str, code: int = 2) -> int:
 # -- services -------------------------------------------------------------------------------
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def _cmd_worker(args: argparse.Namespace) -> int:
     from infra.logs import configure_logging
     from worker.app import WorkerFatal, serve
     from worker.modelstore.service import ModelConfigError
@@ -49,7 +49,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_settlement(args: argparse.Namespace) -> int:
+def _cmd_settlement(args: argparse.Namespace) -> int:
     from settlement.settings import SettlementSettings
 
     settings = SettlementSettings()
@@ -94,7 +94,7 @@ def cmd_settlement(args: argparse.Namespace) -> int:
         ledger.close()
 
 
-def cmd_stack(args: argparse.Namespace) -> int:
+def _cmd_stack(args: argparse.Namespace) -> int:
     from infra.dev.stack import StackConfig, stack_down, stack_status, stack_up
 
     cfg = StackConfig(
@@ -122,7 +122,7 @@ def _read_json_arg(value: str) -> Any:
     return json.loads(text)
 
 
-def cmd_request(args: argparse.Namespace) -> int:
+def _cmd_request(args: argparse.Namespace) -> int:
     from client import (
         ClientSettings,
         InferenceClient,
@@ -199,19 +199,19 @@ def cmd_request(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _cmd_verify(args: argparse.Namespace) -> int:
     from nodecli.verify import run_verify
 
     return run_verify(args)
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def _cmd_models(args: argparse.Namespace) -> int:
     from nodecli.models import run_models
 
     return run_models(args)
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
+def _cmd_keys(args: argparse.Namespace) -> int:
     from worker.identity import node_signer
     from worker.settings import WorkerSettings
 
@@ -219,7 +219,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dlq(args: argparse.Namespace) -> int:
+def _cmd_dlq(args: argparse.Namespace) -> int:
     from infra.kafka.client import ClusterKafka
     from worker.deadletters import list_dlq, replay_dlq
     from worker.identity import DLQ_KEY_FILE, dlq_private_key
@@ -245,6 +245,32 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0 if all(r.replayed for r in results) else 1
 
 
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from infra.kafka.admin import ProvisioningError, ensure_topics
+    from schemas.topics import standard_topics
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    specs = standard_topics(
+        settings.namespace,
+        args.models or settings.models,
+        request_partitions=args.request_partitions,
+        reply_partitions=args.reply_partitions,
+        settlement_partitions=args.settlement_partitions,
+        replication_factor=args.replication_factor,
+        dlq_retention_ms=args.dlq_retention_ms,
+    )
+    if args.dry_run:
+        _print_json([{"name": s.name, "partitions": s.partitions, **s.config} for s in specs])
+        return 0
+    try:
+        created = asyncio.run(ensure_topics(settings.kafka, specs))
+    except ProvisioningError as e:
+        return _fail(str(e), 1)
+    _print_json({"created": created, "checked": [s.name for s in specs]})
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -254,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run an inference worker (settings: OG_WORKER_*)")
     w.add_argument("--ready-file", type=Path)
-    w.set_defaults(func=cmd_worker)
+    w.set_defaults(func=_cmd_worker)
 
     s = sub.add_parser("settlement", help="run or inspect the settlement service (OG_SETTLEMENT_*)")
     s.add_argument(
@@ -266,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=Path("var"), help="local stack state (proof: chain)"
     )
     s.add_argument("--ready-file", type=Path)
-    s.set_defaults(func=cmd_settlement)
+    s.set_defaults(func=_cmd_settlement)
 
     st = sub.add_parser("stack", help="local development stack")
     st.add_argument("action", choices=["up", "down", "status"])
@@ -274,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=9092, help="Kafka-API broker port")
     st.add_argument("--chain-port", type=int, default=8545, help="anvil JSON-RPC port")
     st.add_argument("--namespace", default="og")
-    st.set_defaults(func=cmd_stack)
+    st.set_defaults(func=_cmd_stack)
 
     r = sub.add_parser("request", help="send one request, print its reply (OG_CLIENT_*)")
     r.add_argument("--model", required=True)
@@ -296,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--stream", action="store_true", help="stream text to stderr as it comes")
     r.add_argument("--mode", choices=["VANILLA", "TEE", "ZKML"], default="VANILLA")
-    r.set_defaults(func=cmd_request)
+    r.set_defaults(func=_cmd_request)
 
     v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")
     v.add_argument("reply", type=Path, nargs="?")
@@ -306,25 +332,38 @@ def build_parser() -> argparse.ArgumentParser:
     from nodecli.verify import add_arguments
 
     add_arguments(v)
-    v.set_defaults(func=cmd_verify)
+    v.set_defaults(func=_cmd_verify)
 
     from nodecli.check import add_parser as add_check_parser
 
     add_check_parser(sub)
     from nodecli.models import add_models_parser
 
-    add_models_parser(sub).set_defaults(func=cmd_models)
+    add_models_parser(sub).set_defaults(func=_cmd_models)
 
     d = sub.add_parser("dlq", help="list or replay dead letters (OG_WORKER_* settings)")
     d.add_argument("action", choices=["list", "replay"])
     d.add_argument("--offset", type=int, action="append", default=[], help="DLQ offset to replay")
     d.add_argument("--all", action="store_true", help="replay every entry")
     d.add_argument("--bootstrap")
-    d.set_defaults(func=cmd_dlq)
+    d.set_defaults(func=_cmd_dlq)
+
+    tp = sub.add_parser(
+        "topics", help="create the deployment's topics (idempotent; OG_WORKER_* settings)"
+    )
+    tp.add_argument("action", choices=["ensure"])
+    tp.add_argument("--models", nargs="*", help="model topics (default: OG_WORKER_MODELS)")
+    tp.add_argument("--request-partitions", type=int, default=4)
+    tp.add_argument("--reply-partitions", type=int, default=4)
+    tp.add_argument("--settlement-partitions", type=int, default=4)
+    tp.add_argument("--replication-factor", type=int, default=1)
+    tp.add_argument("--dlq-retention-ms", type=int)
+    tp.add_argument("--dry-run", action="store_true", help="print the specs, create nothing")
+    tp.set_defaults(func=_cmd_topics)
 
     k = sub.add_parser("keys", help="node keys")
     k.add_argument("action", choices=["show"])
-    k.set_defaults(func=cmd_keys)
+    k.set_defaults(func=_cmd_keys)
     return p
 
 

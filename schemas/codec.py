@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from schemas import limits
@@ -24,38 +25,85 @@ __all__ = [
     "Undecodable",
     "decode",
     "encode",
+    "loads",
+    "scan",
     "summarize_validation_error",
     "too_deep",
 ]
 
 M = TypeVar("M", bound=BaseModel)
-_REQUEST_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{limits.MAX_ID_CHARS}}}$")
-_TOPIC_RE = re.compile(TOPIC_NAME_PATTERN)
+_REQUEST_ID_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{limits.MAX_ID_CHARS}}}")
+_TOPIC_RE = re.compile(TOPIC_NAME_PATTERN.removeprefix("^").removesuffix("$"))
+"""Used with ``fullmatch`` (Python's ``$`` also matches before a final newline)."""
 
 
-_JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKET_RE = re.compile(rb"[\[\]{}]")
+# One token per match, each input byte read once: a string (its end quote optional, so an
+# unterminated string is consumed in one step instead of being retried from every quote, the
+# quadratic case), optionally followed by ':' (an object key), or a bracket.
+_TOKEN_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*("?)(\s*:)?|[\[\]{}]', re.DOTALL)
+_BOM = b"\xef\xbb\xbf"
+
+
+def scan(raw: bytes, max_depth: int = limits.MAX_JSON_DEPTH) -> str | None:
+    """What is wrong with ``raw`` before it is parsed, or None; linear time and memory.
+
+    Checked here, before the parser sees the bytes: nesting deeper than ``max_depth`` (the
+    parser's own guard is the interpreter's recursion limit, which libraries raise: a deeply
+    nested message would overflow the C stack), a byte order mark, and an object naming one key
+    twice (parsers keep one value of the two silently, so two readers of the same bytes could
+    see different messages). Brackets and colons inside strings do not count."""
+    if raw.startswith(_BOM):
+        return "JSON with a byte order mark"
+    if raw.count(b"[") + raw.count(b"{") <= max_depth and raw.count(b":") <= 1:
+        return None  # nothing nests deep enough, and no object has two keys
+    depth = 0
+    keys: list[set[bytes] | None] = []
+    for match in _TOKEN_RE.finditer(raw):
+        token = match[0]
+        first = token[:1]
+        if first == b'"':
+            if not match[1]:
+                return None  # unterminated string: the parser rejects it
+            if match[2] and keys and keys[-1] is not None:
+                key = _key(token[: match.start(2) - match.start(0)])
+                if key in keys[-1]:
+                    return "JSON object with a duplicate key"
+                keys[-1].add(key)
+        elif first in b"[{":
+            depth += 1
+            if depth > max_depth:
+                return f"JSON nested deeper than {max_depth} levels"
+            keys.append(set() if first == b"{" else None)
+        else:
+            depth -= 1
+            if keys:
+                keys.pop()
+    return None
+
+
+def _key(quoted: bytes) -> bytes:
+    """A key as the parser sees it: escapes (``\\u0061`` for ``a``) decoded."""
+    if b"\\" not in quoted:
+        return quoted[1:-1]
+    try:
+        return str(json.loads(quoted)).encode("utf-8", "surrogatepass")
+    except ValueError:
+        return quoted
 
 
 def too_deep(raw: bytes, max_depth: int = limits.MAX_JSON_DEPTH) -> bool:
-    """True when ``raw`` nests arrays/objects deeper than ``max_depth``.
+    """True when ``raw`` nests arrays/objects deeper than ``max_depth`` (see ``scan``)."""
+    problem = scan(raw, max_depth)
+    return problem is not None and problem.startswith("JSON nested")
 
-    Checked before parsing because the parser's own guard is the interpreter's recursion
-    limit, which libraries raise at import (py_ecc, via web3, sets it to 100,000): a deeply
-    nested message would then overflow the C stack and kill the process. Linear time; brackets
-    inside strings do not count.
-    """
-    if raw.count(b"[") + raw.count(b"{") <= max_depth:
-        return False
-    depth = 0
-    for match in _JSON_BRACKET_RE.finditer(_JSON_STRING_RE.sub(b'""', raw)):
-        if match[0] in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                return True
-        else:
-            depth -= 1
-    return False
+
+def loads(raw: bytes) -> object:
+    """Parse strict I-JSON (RFC 7493): UTF-8 without a BOM, no lone surrogates, no NaN or
+    Infinity, integers within 64 bits. ``ValueError`` otherwise. Call ``scan`` first."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ValueError("not I-JSON") from e
 
 
 @dataclass(frozen=True)
@@ -111,7 +159,7 @@ def _field_names(model: type[BaseModel]) -> frozenset[str]:
     walk(model.model_json_schema())
     # pydantic names union members by their tag or type in error locations.
     names.update({"function-after", "list", "dict", "str", "int", "float", "bool", "none"})
-    return frozenset(n for n in names if _FIELD_NAME_RE.match(n) or "-" in n)
+    return frozenset(n for n in names if _FIELD_NAME_RE.fullmatch(n) or "-" in n)
 
 
 def summarize_validation_error(
@@ -140,19 +188,17 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
         return Undecodable("empty message")
     if len(raw) > limits.MAX_MESSAGE_BYTES:
         return Undecodable(f"message of {len(raw)} bytes exceeds {limits.MAX_MESSAGE_BYTES}")
-    if too_deep(raw):
-        return Undecodable(f"JSON nested deeper than {limits.MAX_JSON_DEPTH} levels")
+    problem = scan(raw)
+    if problem is not None:
+        return Undecodable(problem)
     try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        # ValueError covers bad UTF-8, bad JSON and Python's refusal of integers longer
-        # than 4,300 digits (a plain ValueError, not a JSONDecodeError).
+        obj = loads(raw)
+    except ValueError:
         return Undecodable("not UTF-8 JSON")
     if not isinstance(obj, dict):
         return Undecodable(f"JSON {type(obj).__name__} where an object was expected")
     try:
-        # One parse: validate the object json.loads produced (NaN/Infinity, which json.loads
-        # accepts, are refused by the models' allow_inf_nan=False).
+        # One parse: validate the object the parser produced.
         return Decoded(model.model_validate(obj), obj)
     except ValidationError as e:
         request_id = obj.get("request_id")
@@ -160,7 +206,9 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
         return Undecodable(
             summarize_validation_error(e, model),
             request_id=request_id
-            if isinstance(request_id, str) and _REQUEST_ID_RE.match(request_id)
+            if isinstance(request_id, str) and _REQUEST_ID_RE.fullmatch(request_id)
             else None,
-            reply_to=reply_to if isinstance(reply_to, str) and _TOPIC_RE.match(reply_to) else None,
+            reply_to=reply_to
+            if isinstance(reply_to, str) and _TOPIC_RE.fullmatch(reply_to)
+            else None,
         )

@@ -54,7 +54,7 @@ class Topics:
 
     def infer(self, model: str) -> str:
         """Request topic of one model: ``<ns>.infer.<model>``."""
-        if not _MODEL_RE.match(model):
+        if not _MODEL_RE.fullmatch(model):
             raise ValueError("model name must match " + MODEL_NAME_PATTERN)
         return f"{self.namespace}.infer.{model}"
 
@@ -111,21 +111,27 @@ def standard_topics(
     models: Sequence[str],
     *,
     request_partitions: int = 4,
+    reply_partitions: int = 4,
+    settlement_partitions: int = 4,
     replication_factor: int = 1,
+    dlq_retention_ms: int | None = None,
 ) -> list[TopicSpec]:
-    """Return the topics a deployment needs: one request topic per model plus shared topics.
+    """The topics a deployment needs: one request topic per model plus the shared topics.
 
-    ``{ns}.infer.{model}`` (``request_partitions``), ``{ns}.replies`` (4), ``{ns}.settlement``
-    (4), ``{ns}.dlq`` (1) and ``{ns}.registry`` (1, compacted: only the latest registration or
-    heartbeat per node id matters).
+    ``{ns}.infer.{model}`` (``request_partitions``: as many as the largest worker group may
+    have pods), ``{ns}.replies``, ``{ns}.settlement`` (as many as settlement consumers),
+    ``{ns}.dlq`` (1) and ``{ns}.registry`` (1, compacted: only the latest registration or
+    heartbeat per node id matters). The deployment manifests create exactly these
+    (``inference-node topics ensure``), so code and deployment cannot disagree.
     """
     names = Topics(namespace)
     rf = replication_factor
+    dlq = {"retention.ms": str(dlq_retention_ms)} if dlq_retention_ms is not None else {}
     specs = [TopicSpec(names.infer(m), request_partitions, rf) for m in models]
     specs += [
-        TopicSpec(names.replies, 4, rf),
-        TopicSpec(names.settlement, 4, rf),
-        TopicSpec(names.dlq, 1, rf),
+        TopicSpec(names.replies, reply_partitions, rf),
+        TopicSpec(names.settlement, settlement_partitions, rf),
+        TopicSpec(names.dlq, 1, rf, dlq),
         TopicSpec(names.registry, 1, rf, {"cleanup.policy": "compact"}),
     ]
     return specs

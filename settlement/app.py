@@ -195,12 +195,14 @@ class SettlementService:
             return
         failpoint("before_ledger_write")
         started_s = time.perf_counter()
-        inserted = await asyncio.to_thread(self.ledger.store, accepted, rejected, proofs)
+        stored = await asyncio.to_thread(self.ledger.store, accepted, rejected, proofs)
+        inserted = stored.inserted
         self.metrics.settled(
             verified=len(accepted),
             inserted=inserted,
-            rejected_reasons=[r.outcome.reason for r in rejected],
+            rejected_reasons=[r.outcome.reason for r in rejected] + ["replay"] * stored.replays,
             write_s=time.perf_counter() - started_s,
+            replays=stored.replays,
         )
         failpoint("after_ledger_write")
         await self._consumer.commit(offsets)
@@ -208,7 +210,7 @@ class SettlementService:
             "batch settled",
             extra={
                 "new": inserted,
-                "duplicates": len(accepted) - inserted,
+                "duplicates": len(accepted) - inserted - stored.replays,
                 "rejected": len(rejected),
                 "proofs": len(proof_messages),
             },

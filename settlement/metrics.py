@@ -120,12 +120,14 @@ class SettlementMetrics:
         inserted: int,
         rejected_reasons: Iterable[str],
         write_s: float,
+        replays: int = 0,
     ) -> None:
-        """One ledger transaction: ``verified`` records of which ``inserted`` were new."""
+        """One ledger transaction: ``verified`` records of which ``inserted`` were new and
+        ``replays`` came again in another message (counted among ``rejected_reasons``)."""
         reasons = list(rejected_reasons)
         self.verified.inc(verified)
         self.stored.inc(inserted)
-        self.duplicates.inc(max(0, verified - inserted))
+        self.duplicates.inc(max(0, verified - inserted - replays))
         for reason in reasons:
             self.rejections.labels(self._reason(reason)).inc()
         self.consume_batch.observe(verified + len(reasons))

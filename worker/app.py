@@ -192,6 +192,7 @@ class Worker:
             modes=modes,
             sealer=self.sealer,
             private_models=private,
+            max_execution_s=s.max_execution_s,
         )
         self.registrar = Registrar(
             self._producer,

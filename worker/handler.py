@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from infra.kafka.ports import Headers, Record
+from infra.kafka.ports import Headers, Record, UnreadableRecord
 from infra.logs import bind_log_context
 from schemas.codec import Decoded, decode
 from schemas.requests import InferenceRequest
@@ -107,6 +107,8 @@ class RecordHandler:
         """The action for one record (see the module docstring). ``headers`` travel with
         every message published for it (the trace context)."""
         request_id: str | None = None
+        if isinstance(record, UnreadableRecord):
+            return DeadLetter(record.reason)
         try:
             decoded = decode(record.value, InferenceRequest)
             topic_model = self._topics.model_of(record.topic) or ""

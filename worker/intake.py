@@ -199,6 +199,8 @@ class Intake:
                 await asyncio.sleep(min(0.1 * failures, 2.0))
                 continue
             failures = 0
+            if self._stopping.is_set():
+                break  # fetched after stop(): left uncommitted, the next owner answers them
             for tp, records in batches.items():
                 self._admit(tp, records)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,6 +81,7 @@ class Pipeline:
         modes: Mapping[VerificationMode, ModeHandler] | None = None,
         sealer: NodeSealer | None = None,
         private_models: frozenset[str] = frozenset(),
+        max_execution_s: float = 300.0,
     ) -> None:
         """``sealer`` opens sealed requests (no sealer: they are refused); ``private_models``
         accept sealed requests only."""
@@ -94,6 +95,7 @@ class Pipeline:
         self._retries = retries
         self._backoff_s = retry_backoff_s
         self._clock_ms = clock_ms
+        self._max_execution_s = max_execution_s
 
     @property
     def node_id(self) -> str:
@@ -170,7 +172,9 @@ class Pipeline:
             emit=stream.emit if stream is not None else None,
         )
         try:
-            result = await self._run_with_retries(engine, request, payload, ctx, stream)
+            result = await self._bounded(
+                request, self._run_with_retries(engine, request, payload, ctx, stream)
+            )
         except WorkerError as e:
             if e.fatal and self.fatal is None:
                 self.fatal = e
@@ -192,6 +196,30 @@ class Pipeline:
                     "request or output cannot be canonicalised (RFC 8785)",
                 )
             )
+
+    async def _bounded(
+        self, request: InferenceRequest, run: Coroutine[Any, Any, EngineResult]
+    ) -> EngineResult:
+        """``run`` within the request's deadline and ``max_execution_s``: a request stuck in an
+        engine is answered (and aborted: engines abort on cancellation) instead of holding its
+        partition's commits back for ever."""
+        budget_s = self._max_execution_s
+        by_deadline = False
+        if request.deadline_unix_ms is not None:
+            left_s = (request.deadline_unix_ms - self._clock_ms()) / 1000
+            if left_s <= budget_s:
+                budget_s, by_deadline = max(left_s, 0.0), True
+        try:
+            async with asyncio.timeout(budget_s):
+                return await run
+        except TimeoutError:
+            if by_deadline:
+                raise PermanentError(
+                    "deadline passed during execution", code=ErrorCode.DEADLINE_EXCEEDED
+                ) from None
+            raise RetryableError(
+                "execution exceeded the node's time limit", code=ErrorCode.TIMEOUT
+            ) from None
 
     def _open(
         self, request: InferenceRequest, payload_document: dict[str, Any] | None

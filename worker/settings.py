@@ -72,6 +72,12 @@ class WorkerSettings(BaseSettings):
     commit_interval_ms: int = Field(default=100, ge=10)
     drain_timeout_s: float = Field(default=20.0, gt=0)
     revoke_timeout_s: float = Field(default=10.0, gt=0)
+    max_execution_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="longest one request may run (its deadline, when sooner, bounds it too); "
+        "past it the request is aborted and answered timeout, so its partition moves on",
+    )
     engine_retries: int = Field(default=2, ge=0, le=10)
     engine_retry_backoff_ms: int = Field(default=100, ge=0)
     dedupe_window: int = Field(default=10_000, ge=0)

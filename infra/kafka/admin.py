@@ -35,6 +35,7 @@ from aiokafka.admin.config_resource import (  # type: ignore[import-untyped]
 )
 from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
 
+from infra.kafka.settings import KafkaSettings
 from schemas.topics import TopicSpec
 
 __all__ = [
@@ -67,9 +68,13 @@ def _validate(specs: Sequence[TopicSpec]) -> None:
 
 
 @asynccontextmanager
-async def _admin(bootstrap: str, timeout_s: float) -> AsyncIterator[Any]:
+async def _admin(cluster: str | KafkaSettings, timeout_s: float) -> AsyncIterator[Any]:
+    settings = cluster if isinstance(cluster, KafkaSettings) else None
+    bootstrap = settings.bootstrap_servers if settings is not None else str(cluster)
+    options = settings.admin_kwargs() if settings is not None else {}
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=max(1, int(timeout_s * 1000))
+        **{**options, "bootstrap_servers": bootstrap},
+        request_timeout_ms=max(1, int(timeout_s * 1000)),
     )
     try:
         async with asyncio.timeout(timeout_s):
@@ -82,7 +87,7 @@ async def _admin(bootstrap: str, timeout_s: float) -> AsyncIterator[Any]:
 
 
 async def ensure_topics(
-    bootstrap: str, specs: Sequence[TopicSpec], *, timeout_s: float = 15.0
+    bootstrap: str | KafkaSettings, specs: Sequence[TopicSpec], *, timeout_s: float = 15.0
 ) -> list[str]:
     """Create the topics in ``specs`` that do not exist yet; return the names created.
 

@@ -21,6 +21,7 @@ from aiokafka import TopicPartition as _TP
 from aiokafka.errors import (  # type: ignore[import-untyped]
     CommitFailedError,
     ConsumerStoppedError,
+    CorruptRecordException,
     IllegalGenerationError,
     IllegalOperation,
     IllegalStateError,
@@ -44,12 +45,23 @@ from infra.kafka.ports import (
     Record,
     TopicPartition,
     UnknownTopic,
+    UnreadableRecord,
 )
 from infra.kafka.settings import KafkaSettings
 
 __all__ = ["AiokafkaConsumer", "AiokafkaProducer", "ClusterKafka", "translate"]
 
 _LAG_TIMEOUT_S = 1.0
+_ISOLATE_WAIT_MS = 1000
+_UNREADABLE = (UnicodeDecodeError, CorruptRecordException)
+"""What aiokafka raises from ``getmany`` for a record it cannot parse (the C reader and the
+pure-Python one differ): a header key that is not UTF-8, a corrupt batch."""
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return "record header key is not UTF-8"
+    return "record is corrupt"
 _REBALANCE = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError)
 
 
@@ -120,11 +132,67 @@ class AiokafkaConsumer(Consumer):
         self, *, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[Record]]:
         # aiokafka's TopicPartition is a NamedTuple equal to (and hashing as) ours.
-        async with _translated():
+        before = self._positions()
+        try:
             batches: Mapping[TopicPartition, Sequence[Record]] = await self._consumer.getmany(
                 timeout_ms=timeout_ms, max_records=max_records
             )
+        except _UNREADABLE:
+            return await self._isolate_unreadable(before)
+        except (KafkaError, IllegalOperation, ConsumerStoppedError) as e:
+            raise translate(e) from e
         return batches
+
+    def _positions(self) -> dict[TopicPartition, int]:
+        """The fetch position of every assigned partition, read without I/O from aiokafka's
+        subscription state (what ``position()`` returns once it is known)."""
+        subscription = self._consumer._subscription.subscription
+        assignment = None if subscription is None else subscription.assignment
+        if assignment is None:
+            return {}
+        positions = {}
+        for tp in assignment.tps:
+            state = assignment.state_value(tp)
+            if state is not None and state.has_valid_position:
+                positions[TopicPartition(*tp)] = int(state.position)
+        return positions
+
+    async def _isolate_unreadable(
+        self, before: dict[TopicPartition, int]
+    ) -> Mapping[TopicPartition, Sequence[Record]]:
+        """aiokafka raised while parsing a fetched batch: records of other partitions drained
+        in the same call are gone from its buffer (their positions moved), and the bad one
+        would raise on every call. Rewind every partition to where this call started, then read
+        one record at a time until the one that cannot be read: deliver the good ones before
+        it and an ``UnreadableRecord`` in its place, and move past it. Rare, so slow is fine."""
+        for tp, offset in before.items():
+            self._consumer.seek(_tp(tp), offset)
+        paused = {TopicPartition(*tp) for tp in self._consumer.paused()}
+        for tp, offset in sorted(before.items()):
+            highwater = self._consumer.highwater(_tp(tp))
+            if tp in paused or highwater is None or offset >= highwater:
+                continue  # nothing fetched there: the bad record is elsewhere
+            good: list[Record] = []
+            position = offset
+            while True:
+                try:
+                    got = await self._consumer.getmany(
+                        _tp(tp), timeout_ms=_ISOLATE_WAIT_MS, max_records=1
+                    )
+                except _UNREADABLE as e:
+                    self._consumer.seek(_tp(tp), position + 1)
+                    bad = UnreadableRecord(tp.topic, tp.partition, position, _reason(e))
+                    return {tp: [*good, bad]}
+                except KafkaError as e:
+                    raise translate(e) from e
+                records = list(got.get(_tp(tp), ()))
+                if not records:
+                    break  # nothing more here: the bad record is in another partition
+                good.extend(records)
+                position = records[-1].offset + 1
+            if good:
+                return {tp: good}
+        return {}
 
     def pause(self, *partitions: TopicPartition) -> None:
         self._consumer.pause(*(_tp(tp) for tp in partitions))

@@ -40,6 +40,7 @@ from infra.kafka.ports import (
     Producer,
     TopicPartition,
     UnknownTopic,
+    UnreadableRecord,
 )
 
 __all__ = ["MemoryConsumer", "MemoryKafka", "MemoryProducer", "MemoryRecord", "murmur2"]
@@ -94,7 +95,7 @@ def _wall_clock_ms() -> int:
 
 @dataclass
 class _Topic:
-    partitions: list[list[MemoryRecord]]
+    partitions: list[list[MemoryRecord | UnreadableRecord]]
     compacted: bool
     next_keyless: int = 0
 
@@ -158,7 +159,7 @@ class MemoryKafka(Kafka):
         for group in self._groups.values():
             group.topic_created(name)
 
-    def records(self, topic: str) -> list[MemoryRecord]:
+    def records(self, topic: str) -> list[MemoryRecord | UnreadableRecord]:
         """Every record of ``topic`` in (partition, offset) order."""
         state = self._topics.get(topic)
         if state is None:
@@ -169,6 +170,17 @@ class MemoryKafka(Kafka):
         """The offsets ``group_id`` has committed (empty for an unknown group)."""
         group = self._groups.get(group_id)
         return dict(group.committed) if group is not None else {}
+
+    def append_unreadable(self, topic: str, partition: int = 0, reason: str = "unreadable") -> int:
+        """Append a record consumers cannot read (as a header key that is not UTF-8 is to
+        aiokafka): they deliver it as an ``UnreadableRecord`` at its offset. Returns it."""
+        state = self._topic(topic, create=True)
+        if state is None:
+            raise UnknownTopic(topic)
+        log = state.partitions[partition]
+        log.append(UnreadableRecord(topic, partition, len(log), reason))
+        self._notify()
+        return len(log) - 1
 
     def fail_sends(self, count: int, error: KafkaPortError | None = None) -> None:
         """Fail the acks of the next ``count`` sends with (a copy of) ``error``, default
@@ -186,7 +198,7 @@ class MemoryKafka(Kafka):
         state = self._topics.get(name)
         return 0 if state is None else len(state.partitions)
 
-    def _log(self, tp: TopicPartition) -> list[MemoryRecord]:
+    def _log(self, tp: TopicPartition) -> list[MemoryRecord | UnreadableRecord]:
         state = self._topics.get(tp.topic)
         if state is None or not 0 <= tp.partition < len(state.partitions):
             return []

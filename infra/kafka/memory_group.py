@@ -40,6 +40,7 @@ from infra.kafka.ports import (
     Record,
     TopicPartition,
     UnknownTopic,
+    UnreadableRecord,
 )
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ class MemoryConsumer(Consumer):
         room = max_records
         batches: dict[TopicPartition, Sequence[Record]] = {}
         for tp in tps[start:] + tps[:start]:
-            records: list[MemoryRecord] = self._kafka._log(tp)
+            records: list[MemoryRecord | UnreadableRecord] = self._kafka._log(tp)
             position = self._positions[tp]
             if position > len(records):  # out of range: reset to earliest, as aiokafka does
                 position = 0

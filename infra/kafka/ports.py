@@ -19,6 +19,7 @@ message and goes on. ``BrokerUnavailable`` is the only one that may stop a servi
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Record",
     "TopicPartition",
     "UnknownTopic",
+    "UnreadableRecord",
 ]
 
 Headers = Sequence[tuple[str, bytes | None]]
@@ -86,6 +88,23 @@ class Record(Protocol):
     def timestamp(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableRecord:
+    """A record the client library could not read (a header key that is not UTF-8, a corrupt
+    batch). Consumers deliver it in its place, at its offset, instead of raising: one bad
+    record must never stop a reader or hide the records around it. Its content is unknown:
+    ``value`` is None and ``headers`` empty; ``reason`` says what was wrong."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    timestamp: int = -1
+
+
 class RebalanceListener(Protocol):
     """Called by a group consumer around a change of its assignment. ``revoked`` runs before
     the partitions move (commit what is done there); both are awaited before fetching goes on."""
@@ -121,7 +140,8 @@ class Consumer(Protocol):
     async def getmany(
         self, *, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[Record]]:
-        """Records from the assigned, unpaused partitions, waiting up to ``timeout_ms``."""
+        """Records from the assigned, unpaused partitions, waiting up to ``timeout_ms``. A
+        record that cannot be read arrives as an ``UnreadableRecord`` at its offset."""
         ...
 
     def pause(self, *partitions: TopicPartition) -> None: ...

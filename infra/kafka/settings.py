@@ -63,6 +63,12 @@ class KafkaSettings(BaseModel):
                 kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
         return kwargs
 
+    def admin_kwargs(self) -> dict[str, Any]:
+        """For the admin client (topic provisioning): the connection and security options."""
+        kwargs = self._common()
+        kwargs.pop("request_timeout_ms")
+        return kwargs
+
     def producer_kwargs(self) -> dict[str, Any]:
         """acks=all always: a reply counts as sent only once the cluster has it durably."""
         return {

@@ -24,6 +24,7 @@ from settlement.ledger.base import (
     Origin,
     ProofEntry,
     Rejection,
+    Stored,
     StoredRecord,
 )
 from settlement.ledger.postgres import PostgresLedger
@@ -44,6 +45,7 @@ __all__ = [
     "ProofEntry",
     "Rejection",
     "SqliteLedger",
+    "Stored",
     "StoredRecord",
     "open_ledger",
 ]

@@ -150,6 +150,15 @@ class ProofEntry:
     """Where the proof record came from."""
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What one ``store`` call wrote: records new to the ledger, and replays (a record already
+    stored from another message, booked as a ``replay`` rejection)."""
+
+    inserted: int
+    replays: int = 0
+
+
 class LedgerError(Exception):
     """The ledger refused an operation (as opposed to the database failing)."""
 
@@ -198,9 +207,9 @@ class Ledger(Protocol):
         accepted: Sequence[Accepted],
         rejected: Sequence[Rejection] = (),
         proofs: Sequence[ProofEntry] = (),
-    ) -> int:
-        """Store records, rejections and proofs in one transaction; return how many records
-        were new.
+    ) -> Stored:
+        """Store records, rejections and proofs in one transaction; say how many records were
+        new and how many were replays.
 
         A record's origin tells a redelivery of the same message (a no-op) from a *replay*:
         the same (request, node) arriving in another message, which is stored as a ``replay``

@@ -29,6 +29,7 @@ from settlement.ledger.base import (
     LedgerError,
     ProofEntry,
     Rejection,
+    Stored,
     StoredRecord,
     batch_row,
     check_members,
@@ -47,7 +48,7 @@ _STORED = "r.request_id, r.node_id, r.envelope_json, r.received_unix_ms"
 # order column; every value goes through a bound parameter.
 
 
-def parse_envelope(text: str) -> ResultEnvelope:
+def _parse_envelope(text: str) -> ResultEnvelope:
     return ResultEnvelope.model_validate_json(text)
 
 
@@ -100,7 +101,7 @@ class SqlLedger:
         accepted: Sequence[Accepted],
         rejected: Sequence[Rejection] = (),
         proofs: Sequence[ProofEntry] = (),
-    ) -> int:
+    ) -> Stored:
         now = now_ms()
         with self._lock, self._transaction() as cur:
             fresh, replays = self._split_replays(cur, accepted)
@@ -120,7 +121,7 @@ class SqlLedger:
                     ),
                     rejections,
                 )
-        return inserted
+        return Stored(inserted, len(replays))
 
     def _split_replays(
         self, cur: Any, accepted: Sequence[Accepted]
@@ -221,7 +222,7 @@ class SqlLedger:
         )
         return [
             # Rows stored before leaves were kept at insert (ledger v4) compute it here.
-            Leaf(rid, nid, leaf or "0x" + envelope_leaf(parse_envelope(envelope)).hex())
+            Leaf(rid, nid, leaf or "0x" + envelope_leaf(_parse_envelope(envelope)).hex())
             for rid, nid, leaf, envelope in rows
         ]
 

@@ -100,7 +100,9 @@ class AnvilChainEnv(ChainEnv):
             receipt_timeout_s=10,
         )
         address = await SettlementChain.deploy(settings, DEV_ACCOUNTS[0])
-        client = await SettlementChain.connect(settings.model_copy(update={"contract_address": address}))
+        client = await SettlementChain.connect(
+            settings.model_copy(update={"contract_address": address})
+        )
         env = cls(client, AsyncWeb3(AsyncHTTPProvider(anvil.rpc_url)))
         env._nonce_at_start = await env._nonce()
         return env

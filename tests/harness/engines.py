@@ -3,7 +3,8 @@
 ``GatedEngine`` answers ML requests by echoing their tensors after ``latency_s``. It records
 every request id it started (``calls``) and finished, how many ran at once, and holds requests
 back on demand: ``hold(request_id)`` holds one, ``hold_all()`` every request from now on;
-``release``/``release_all`` let them go. ``on_start`` runs as each request starts (invariant checks).
+``release``/``release_all`` let them go. ``on_start`` runs as each request starts (for
+invariant checks).
 """
 
 from __future__ import annotations

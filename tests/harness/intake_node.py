@@ -11,7 +11,6 @@ answered first: its reply acknowledged by the cluster.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -21,25 +20,13 @@ from infra.kafka.ports import Kafka, Record, TopicPartition
 from schemas.signing import Signer
 from schemas.topics import Topics
 from tests.harness.engines import GatedEngine
-from tests.harness.kafka_audit import AuditedConsumer, AuditedProducer
+from tests.harness.kafka_audit import AuditedConsumer, AuditedProducer, request_id_of
 from tests.harness.kafka_env import KafkaEnv
 from worker.app import compose_intake
 from worker.intake import Intake, IntakeConfig
 from worker.pipeline import Pipeline
 
-__all__ = ["CommitAudit", "IntakeNode", "request_id_of"]
-
-
-def request_id_of(value: bytes | None) -> str | None:
-    try:
-        document = json.loads(value or b"")
-    except ValueError:
-        return None
-    if not isinstance(document, dict):
-        return None
-    envelope = document.get("envelope")
-    rid = envelope.get("request_id") if isinstance(envelope, dict) else document.get("request_id")
-    return rid if isinstance(rid, str) else None
+__all__ = ["CommitAudit", "IntakeNode"]
 
 
 class CommitAudit:

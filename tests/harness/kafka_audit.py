@@ -10,6 +10,7 @@ acknowledged it. ``AuditedKafka`` wraps the group consumers a service builds its
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from infra.kafka.ports import (
@@ -23,7 +24,7 @@ from infra.kafka.ports import (
     TopicPartition,
 )
 
-__all__ = ["AuditedConsumer", "AuditedKafka", "AuditedProducer"]
+__all__ = ["AuditedConsumer", "AuditedKafka", "AuditedProducer", "request_id_of"]
 
 OnFetch = Callable[[Mapping[TopicPartition, Sequence[Record]]], None]
 OnCommit = Callable[[Mapping[TopicPartition, int]], None]
@@ -32,6 +33,19 @@ OnAck = Callable[[str, bytes | None, bytes | None], None]
 
 def _ignore(*_: object) -> None:
     return None
+
+
+def request_id_of(value: bytes | None) -> str | None:
+    """The request id of a request, reply or settlement record (None: not one of those)."""
+    try:
+        document = json.loads(value or b"")
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    envelope = document.get("envelope")
+    rid = envelope.get("request_id") if isinstance(envelope, dict) else document.get("request_id")
+    return rid if isinstance(rid, str) else None
 
 
 class AuditedConsumer(Consumer):

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from infra.kafka.admin import ensure_topics
 from infra.kafka.client import ClusterKafka
-from infra.kafka.memory import MemoryKafka
+from infra.kafka.memory import MemoryConsumer, MemoryKafka
 from infra.kafka.ports import Consumer, Kafka, Producer, Record, TopicPartition
 from infra.kafka.settings import KafkaSettings
-from schemas.topics import TopicSpec, Topics, standard_topics
+from schemas.topics import Topics, TopicSpec, standard_topics
 
-__all__ = ["KafkaEnv", "MemoryEnv", "TansuEnv", "wait_until"]
+__all__ = ["KafkaEnv", "MemoryEnv", "TansuEnv", "end_offsets", "wait_until"]
 
 
 async def wait_until(
@@ -146,8 +146,6 @@ class MemoryEnv(KafkaEnv):
             self.kafka.create_topic(spec.name, spec.partitions, compacted=compacted)
 
     async def crash(self, consumer: Consumer) -> None:
-        from infra.kafka.memory import MemoryConsumer
-
         assert isinstance(consumer, MemoryConsumer)
         consumer.crash()
 

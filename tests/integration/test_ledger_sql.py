@@ -137,9 +137,10 @@ def _schema_version(db: Ledger) -> int:
 
 def test_store_is_idempotent(ledger: Ledger) -> None:
     first, second = _record("req-l-1"), _record("req-l-2")
-    assert ledger.store(_accepted(first, first, second)) == 2
-    assert ledger.store(_accepted(first, second)) == 0
-    assert ledger.store(_accepted(_record("req-l-1", OTHER))) == 1  # same request, other node
+    assert ledger.store(_accepted(first, first, second)).inserted == 2
+    assert ledger.store(_accepted(first, second)).inserted == 0
+    # The same request from another node is another row.
+    assert ledger.store(_accepted(_record("req-l-1", OTHER))).inserted == 1
     assert ledger.count() == 3
     rows = ledger.get("req-l-1")
     assert sorted(row["node_id"] for row in rows) == sorted([SIGNER.node_id, OTHER.node_id])
@@ -151,7 +152,8 @@ def test_store_is_idempotent(ledger: Ledger) -> None:
 
 
 def test_rejections_are_deduplicated_by_offset(ledger: Ledger) -> None:
-    assert ledger.store([], [_rejection(1), _rejection(2), _rejection(3, "not_decodable")]) == 0
+    rejections = [_rejection(1), _rejection(2), _rejection(3, "not_decodable")]
+    assert ledger.store([], rejections).inserted == 0
     ledger.store([], [_rejection(1), _rejection(2)])
     ledger.store([], [Rejection(Rejected("bad_signature"), None, Origin("og.settlement", 1, 1))])
     assert ledger.rejection_counts() == {"bad_signature": 3, "not_decodable": 1}
@@ -192,7 +194,7 @@ def test_reopening_reruns_no_migration(opener: Opener) -> None:
     assert _schema_version(second) == 4
     assert second.count() == 1
     assert second.rejection_counts() == {"bad_signature": 1}
-    assert second.store(_accepted(_record())) == 0
+    assert second.store(_accepted(_record())).inserted == 0
 
 
 def test_v1_ledger_is_upgraded_in_place(backend: str, location: str, opener: Opener) -> None:
@@ -385,7 +387,7 @@ def test_store_throughput_smoke(ledger: Ledger, backend: str) -> None:
     records = [_record(f"req-t-{i:05d}") for i in range(5_000)]
     start = time.perf_counter()
     for i in range(0, len(records), 500):
-        assert ledger.store(_accepted(*records[i : i + 500])) == 500
+        assert ledger.store(_accepted(*records[i : i + 500])).inserted == 500
     elapsed_s = time.perf_counter() - start
     assert ledger.count() == 5_000
     print(

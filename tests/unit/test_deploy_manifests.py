@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
-from schemas.topics import Topics
+from nodecli.main import build_parser
+from schemas.topics import Topics, TopicSpec, standard_topics
 from settlement.metrics import SettlementMetrics
 from settlement.settings import SettlementSettings
 from worker.metrics import WorkerMetrics
@@ -266,19 +267,33 @@ KAFKA_SCALER_KEYS = {
 }
 
 
-def _topic_partitions() -> dict[str, int]:
-    """Partitions per topic as the topics Job creates them (its small shell script)."""
+def _specs_from_args(args: list[str], namespace: str) -> list[TopicSpec]:
+    """The topics ``inference-node topics ensure ARGS`` creates: the CLI's own parser and the
+    code's own ``standard_topics``, so manifests and code cannot disagree."""
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "topics" and parsed.action == "ensure"
+    return standard_topics(
+        namespace,
+        parsed.models,
+        request_partitions=parsed.request_partitions,
+        reply_partitions=parsed.reply_partitions,
+        settlement_partitions=parsed.settlement_partitions,
+        replication_factor=parsed.replication_factor,
+        dlq_retention_ms=parsed.dlq_retention_ms,
+    )
+
+
+def _topic_specs() -> dict[str, TopicSpec]:
+    """The topics the Job creates."""
     (job,) = _by_kind("Job")
-    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    partitions = {}
-    for models, count in re.findall(
-        r'for model in ([^;]+); do create "og\.infer\.\$model" (\d+)', script
-    ):
-        for model in models.split():
-            partitions[f"og.infer.{model}"] = int(count)
-    for topic, count in re.findall(r"^\s*create (og\.[\w.-]+) (\d+)", script, re.M):
-        partitions[topic] = int(count)
-    return partitions
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "og-common"}}]
+    namespace = _configmap()["OG_WORKER_NAMESPACE"]
+    return {s.name: s for s in _specs_from_args(container["args"], namespace)}
+
+
+def _topic_partitions() -> dict[str, int]:
+    return {name: spec.partitions for name, spec in _topic_specs().items()}
 
 
 def test_keda_scales_each_group_on_its_consumer_group_and_topics(
@@ -317,17 +332,12 @@ def test_keda_scales_each_group_on_its_consumer_group_and_topics(
 
 
 def test_topics_job_creates_every_topic_a_group_needs() -> None:
-    partitions = _topic_partitions()
+    specs = _topic_specs()
     topics = Topics(_configmap()["OG_WORKER_NAMESPACE"])
     for name in (topics.replies, topics.settlement, topics.dlq, topics.registry):
-        assert name in partitions
-    (job,) = _by_kind("Job")
-    assert (
-        "--config cleanup.policy=compact"
-        in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-        .split("create og.registry", 1)[1]
-        .splitlines()[0]
-    )
+        assert name in specs
+    assert specs[topics.registry].config == {"cleanup.policy": "compact"}
+    assert all(s.replication_factor == 3 for s in specs.values())
 
 
 # -- settlement -----------------------------------------------------------------------------
@@ -443,9 +453,12 @@ def test_compose_stack_structure(monkeypatch: pytest.MonkeyPatch) -> None:
 
     workers = {n: s for n, s in services.items() if s.get("command") == ["worker"]}
     assert len(workers) >= 2
-    created = set(re.findall(r"create (og\.[\w.-]+)", services["topics"]["command"][0]))
-    for model_list in re.findall(r"for model in ([^;]+);", services["topics"]["command"][0]):
-        created |= {f"og.infer.{m}" for m in model_list.split()}
+    topics_env = services["topics"]["environment"]
+    assert topics_env["OG_WORKER_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+    created = {
+        s.name
+        for s in _specs_from_args(services["topics"]["command"], topics_env["OG_WORKER_NAMESPACE"])
+    }
     for name, worker in workers.items():
         env = worker["environment"]
         grace = int(worker["stop_grace_period"].rstrip("s"))

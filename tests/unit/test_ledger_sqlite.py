@@ -74,19 +74,19 @@ def _accepted(*records: SettlementRecord, origins: tuple[str, ...] = ()) -> list
 
 def test_same_record_twice_is_stored_once(ledger: SqliteLedger) -> None:
     record = _record()
-    assert ledger.store(_accepted(record)) == 1
-    assert ledger.store(_accepted(record)) == 0
+    assert ledger.store(_accepted(record)).inserted == 1
+    assert ledger.store(_accepted(record)).inserted == 0
     assert ledger.count() == 1
 
 
 def test_duplicate_within_one_batch_is_stored_once(ledger: SqliteLedger) -> None:
     record = _record()
-    assert ledger.store(_accepted(record, record)) == 1
+    assert ledger.store(_accepted(record, record)).inserted == 1
     assert ledger.count() == 1
 
 
 def test_same_request_from_two_nodes_is_two_rows(ledger: SqliteLedger) -> None:
-    assert ledger.store(_accepted(_record(SIGNER), _record(OTHER))) == 2
+    assert ledger.store(_accepted(_record(SIGNER), _record(OTHER))).inserted == 2
     assert ledger.count() == 2
     rows = ledger.get("req-s-1")
     assert {row["node_id"] for row in rows} == {SIGNER.node_id, OTHER.node_id}
@@ -97,14 +97,14 @@ def test_rejections_are_counted_by_reason(ledger: SqliteLedger) -> None:
         _accepted(_record()),
         [_rejection(1), _rejection(2), _rejection(3, "not_decodable"), _rejection(4)],
     )
-    assert inserted == 1  # rejections are not records
+    assert inserted.inserted == 1  # rejections are not records
     assert ledger.count() == 1
     assert ledger.rejection_counts() == {"bad_signature": 3, "not_decodable": 1}
 
 
 def test_rejection_redelivered_at_same_offset_counts_once(ledger: SqliteLedger) -> None:
-    assert ledger.store([], [_rejection(7)]) == 0
-    assert ledger.store([], [_rejection(7)]) == 0
+    assert ledger.store([], [_rejection(7)]).inserted == 0
+    assert ledger.store([], [_rejection(7)]).inserted == 0
     assert ledger.rejection_counts() == {"bad_signature": 1}
     ledger.store([], [Rejection(Rejected("bad_signature"), None, Origin("og.settlement", 1, 7))])
     assert ledger.rejection_counts() == {"bad_signature": 2}  # another partition
@@ -138,7 +138,7 @@ def test_reopening_keeps_rows_and_schema_version(ledger_path: Path) -> None:
     try:
         assert second.count() == 1
         assert second.rejection_counts() == {"bad_signature": 1}
-        assert second.store(_accepted(_record())) == 0
+        assert second.store(_accepted(_record())).inserted == 0
     finally:
         second.close()
 
@@ -179,12 +179,12 @@ def test_replay_from_another_message_is_rejected_but_redelivery_is_not(
     ledger: SqliteLedger,
 ) -> None:
     record = _record(Signer(bytes([9]) * 32))
-    assert ledger.store(_accepted(record, origins=("og.settlement/0/5",))) == 1
+    assert ledger.store(_accepted(record, origins=("og.settlement/0/5",))).inserted == 1
     # The same message again (a redelivery after a crash): nothing new, nothing rejected.
-    assert ledger.store(_accepted(record, origins=("og.settlement/0/5",))) == 0
+    assert ledger.store(_accepted(record, origins=("og.settlement/0/5",))).inserted == 0
     assert ledger.rejection_counts() == {}
     # The same record in another message: a replay, booked as a rejection with its origin.
-    assert ledger.store(_accepted(record, origins=("og.settlement/2/9",))) == 0
+    assert ledger.store(_accepted(record, origins=("og.settlement/2/9",))).inserted == 0
     assert ledger.rejection_counts() == {"replay": 1}
     # ...and only once, however often that message is redelivered.
     ledger.store(_accepted(record, origins=("og.settlement/2/9",)))
@@ -194,5 +194,5 @@ def test_replay_from_another_message_is_rejected_but_redelivery_is_not(
 
 def test_replay_within_one_batch(ledger: SqliteLedger) -> None:
     record = _record(Signer(bytes([8]) * 32))
-    assert ledger.store(_accepted(record, record, origins=("t/0/1", "t/0/2"))) == 1
+    assert ledger.store(_accepted(record, record, origins=("t/0/1", "t/0/2"))).inserted == 1
     assert ledger.rejection_counts() == {"replay": 1}

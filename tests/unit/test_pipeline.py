@@ -3,6 +3,7 @@ the real demo ONNX model where a real model matters."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -265,3 +266,50 @@ async def test_integer_beyond_ijson_range_is_answered_not_raised(
     outcome = await pipeline.handle(_ml_request([1.0, 0.0, 0.0, 0.0]), {"kind": "ml", "big": 2**60})
     assert isinstance(outcome.reply, ErrorReply)
     assert outcome.reply.code is ErrorCode.BAD_REQUEST
+
+
+class _Hanging:
+    """An engine stuck for ever (until cancelled, which it records)."""
+
+    model_name = "demo-lm"
+    model_digest = DIGEST
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def run(self, payload: object, ctx: object = None) -> object:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_stuck_engine_is_aborted_and_answered_timeout_at_the_node_limit() -> None:
+    engine = _Hanging()
+    pipeline = Pipeline(
+        {"demo-lm": engine},  # type: ignore[dict-item]
+        SIGNER,
+        clock_ms=lambda: NOW_MS,
+        max_execution_s=0.05,
+    )
+    reply = _error(await pipeline.handle(chat_request()))
+    assert reply.code is ErrorCode.TIMEOUT and reply.retryable
+    assert engine.cancelled  # aborted, not left running
+
+
+async def test_a_stuck_engine_is_answered_deadline_exceeded_at_the_request_deadline() -> None:
+    engine = _Hanging()
+    clock = [NOW_MS]
+    pipeline = Pipeline(
+        {"demo-lm": engine},  # type: ignore[dict-item]
+        SIGNER,
+        clock_ms=lambda: clock[0],
+        max_execution_s=60,
+    )
+    reply = _error(await pipeline.handle(chat_request(deadline_unix_ms=NOW_MS + 50)))
+    assert reply.code is ErrorCode.DEADLINE_EXCEEDED and engine.cancelled

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from schemas.requests import ChatInput, MLInput, SamplingParams
 from schemas.results import ChatOutput, ErrorCode, Usage
 from worker.engines.base import Delta, EngineResult, RunContext
+from worker.engines.threads import EngineThreads
 from worker.errors import PermanentError
 from worker.modelstore.refs import ModelRef
 
@@ -98,6 +99,7 @@ class HFCausalLMEngine:
         self._transformers = transformers
         self._ref = ref
         self._lock = threading.Lock()
+        self._threads = EngineThreads(ref.name, 1)
         self._on_close = on_close
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._eos_ids = _eos_ids(model, self._tokenizer)
@@ -132,7 +134,7 @@ class HFCausalLMEngine:
         emit = ctx.emit if ctx is not None else None
         if emit is None:
             try:
-                return await asyncio.to_thread(self._generate, payload, None, cancel)
+                return await self._threads.run(self._generate, payload, None, cancel)
             except asyncio.CancelledError:
                 cancel.set()  # the thread stops at its next token
                 raise
@@ -143,7 +145,7 @@ class HFCausalLMEngine:
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening now
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
 
-        generation = asyncio.ensure_future(asyncio.to_thread(self._generate, payload, push, cancel))
+        generation = asyncio.ensure_future(self._threads.run(self._generate, payload, push, cancel))
         # If this request is abandoned, the thread's outcome is never awaited: mark it seen.
         generation.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
@@ -155,6 +157,7 @@ class HFCausalLMEngine:
             raise
 
     async def close(self) -> None:
+        self._threads.shutdown()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()

@@ -34,6 +34,7 @@ from schemas.fixedpoint import fixed_point_float
 from schemas.requests import ChatInput, MLInput, Tensor, TensorDType
 from schemas.results import ErrorCode, MLOutput, Usage
 from worker.engines.base import EngineResult, RunContext
+from worker.engines.threads import EngineThreads
 from worker.errors import PermanentError
 from worker.modelstore.refs import ModelRef
 
@@ -116,6 +117,10 @@ def _open_session(ref: ModelRef, path: Path) -> _Session:
         return opened
 
 
+ONNX_THREADS = 2
+"""Threads of one ONNX engine: its calls are short; ONNX Runtime parallelises inside one."""
+
+
 class OnnxEngine:
     """Runs one ONNX model on the CPU. Build it with ``await OnnxEngine.load(ref, path)``."""
 
@@ -132,6 +137,7 @@ class OnnxEngine:
         self._session: _Session | None = _open_session(ref, path)
         self._on_close = on_close
         self._max_elements = max_input_elements
+        self._threads = EngineThreads(ref.name, ONNX_THREADS)
 
     @classmethod
     async def load(
@@ -162,13 +168,14 @@ class OnnxEngine:
             raise self._bad_request(f"model {self._ref.name} takes ml tensors, not chat messages")
         session = self._live()
         feeds = self._feeds(session, payload)
-        outputs = await asyncio.to_thread(self._infer, session, feeds)
+        outputs = await self._threads.run(self._infer, session, feeds)
         return EngineResult(output=self._to_output(session, outputs), usage=Usage())
 
     async def close(self) -> None:
         # Dropping the reference lets the weak session cache free the session once no other
         # engine shares it; the lease on the cached file goes with it.
         self._session = None
+        self._threads.shutdown()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()

@@ -64,7 +64,7 @@ def load_ezkl() -> Any:
     return ezkl
 
 
-def ezkl_version() -> str:
+def _ezkl_version() -> str:
     return importlib.metadata.version("ezkl")
 
 
@@ -242,7 +242,7 @@ def _build(
     manifest = CircuitManifest(
         model_id=model_id,
         model_digest=model_digest,
-        ezkl_version=ezkl_version(),
+        ezkl_version=_ezkl_version(),
         circuit_digest=file_sha256(compiled),
         settings_digest=file_sha256(settings_path),
         vk_digest=file_sha256(out / "vk.key"),
