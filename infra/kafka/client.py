@@ -62,6 +62,8 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, UnicodeDecodeError):
         return "record header key is not UTF-8"
     return "record is corrupt"
+
+
 _REBALANCE = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError)
 
 
