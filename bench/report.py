@@ -260,6 +260,34 @@ def render_latency(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_vllm(r: dict[str, Any]) -> str:
+    """``bench/vllm.json`` (written by ``bench.vllm``): worker via Kafka vs AsyncLLM alone."""
+    w, a = r["worker"], r["alone"]
+    runs = {side: [x["tokens_per_s"] for x in r[side]["runs"]] for side in ("worker", "alone")}
+    target = r.get("target_ratio", 0.9)
+    rows = [
+        ["output tokens/s", spread(runs["worker"]), spread(runs["alone"]), "-"],
+        ["TTFT p50 (ms)", f"{w['ttft_p50_ms']:.0f}", f"{a['ttft_p50_ms']:.0f}", "-"],
+        ["TTFT p99 (ms)", f"{w['ttft_p99_ms']:.0f}", f"{a['ttft_p99_ms']:.0f}", "-"],
+        [
+            "worker / alone (tokens/s)",
+            f"**{r['ratio']:.2f}**",
+            f">= {target}",
+            _verdict(r["ratio"] >= target),
+        ],
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+    return "\n".join(
+        [
+            f"{r['requests']} streamed chat requests x up to {r['max_tokens']} tokens, "
+            f"{r['repeats']} runs of the worker and {len(runs['alone'])} of AsyncLLM alone "
+            f"(medians, min-max), device {r['device']}; {r['model']}; {versions}.",
+            "",
+            _table(["figure", "worker via Kafka", "AsyncLLM alone", "met"], rows),
+        ]
+    )
+
+
 def render_chaos(r: dict[str, Any]) -> str:
     from bench.chaos import markdown  # the harness owns its table
     from bench.chaos_support import Row
@@ -292,6 +320,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "intake": ("Intake throughput", render_intake),
     "latency": ("Added latency at 50% of peak", render_latency),
     "settlement": ("Settlement", render_settlement),
+    "vllm": ("vLLM: worker via Kafka vs AsyncLLM alone", render_vllm),
 }
 
 
@@ -340,6 +369,17 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                     _verdict(c["met"]),
                 ]
             )
+    if "vllm" in results:
+        v = results["vllm"]
+        target = v.get("target_ratio", 0.9)
+        rows.append(
+            [
+                "vllm",
+                f"worker / AsyncLLM alone >= {target} (output tokens/s, {v['device']})",
+                f"{v['ratio']:.2f}",
+                _verdict(v["ratio"] >= target),
+            ]
+        )
     if "chaos" in results:
         chaos = results["chaos"].get("rows", [])
         lost, crashes = sum(r["lost"] for r in chaos), sum(r["crashes"] for r in chaos)
@@ -387,7 +427,8 @@ def document(results: dict[str, Any], existing: str) -> str:
         _table(["benchmark", "target", "result", "met"], targets(results)),
     ]
     known = [k for k in RENDERERS if k in results]
-    others = sorted(k for k in results if k not in RENDERERS and k not in {"machine", "chaos"})
+    skip = {"machine", "chaos", "summary"}  # summary: headline figures, in the Targets table
+    others = sorted(k for k in results if k not in RENDERERS and k not in skip)
     for key in [*known, *others]:
         title, render = RENDERERS.get(key, (key.capitalize(), render_other))
         out += ["", f"## {title} (`bench/{key}.py`)", ""]
@@ -406,6 +447,11 @@ def document(results: dict[str, Any], existing: str) -> str:
 def main() -> None:
     results = merge()
     results["machine"] = machine()
+    if "vllm" in results:
+        summary = results.get("summary")
+        if not isinstance(summary, dict):
+            summary = results["summary"] = {}
+        summary["vllm_worker_vs_alone_ratio"] = results["vllm"]["ratio"]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     existing = MARKDOWN.read_text() if MARKDOWN.exists() else ""
     MARKDOWN.write_text(document(results, existing))

@@ -1,23 +1,24 @@
-"""Client library for producers: build requests, send them, await and verify replies."""
+"""Client library for producers: build requests, send them, await replies that verify."""
 
 from client.requests import build_request, new_request_id, parse_payload
 from client.settings import ClientSettings
 from client.streaming import check_stream, reassemble
 from client.transport import InferenceClient, NoActiveNodes, ReplyTimeout
+from client.trust import ClientTrust, TrustUnavailable
 from schemas.sealing import SealedReplyError, SealedRequest, seal_request
-from schemas.verify.registry import RegistryPolicy, RegistryView
-from schemas.verify.result import Check, VerificationReport, verify_result
+from schemas.verify.result import Check, Trust, VerificationReport, verify_result
 
 __all__ = [
     "Check",
     "ClientSettings",
+    "ClientTrust",
     "InferenceClient",
     "NoActiveNodes",
-    "RegistryPolicy",
-    "RegistryView",
     "ReplyTimeout",
     "SealedReplyError",
     "SealedRequest",
+    "Trust",
+    "TrustUnavailable",
     "VerificationReport",
     "build_request",
     "check_stream",

@@ -1,13 +1,18 @@
-"""Producing requests and awaiting their replies over Kafka.
+"""Producing requests and awaiting their replies over Kafka, trusting only what verifies.
 
-The client reads its reply topic without a consumer group (explicit assignment, starting at the
-end), so any number of clients can share ``og.replies`` without rebalancing one another, and
-routes each reply to the waiter of its request id. Duplicate replies (after a worker crash) are
-dropped. Stream chunks go to the request's ``on_chunk`` callback; only a terminal reply (a
-result, sealed result or error) completes the request.
+The client reads its reply topic without a consumer group (explicit assignment, starting at
+the end), so any number of clients can share ``og.replies`` without rebalancing one another,
+and routes each reply to the waiter of its request id. Anyone who can write the reply topic
+can put anything on it, so a reply resolves a request only when it verifies
+(``schemas.verify.result``): signed by a node the admission authority counts, naming this
+request (and its payload's input hash), committing to what was asked. Anything else is ignored
+and logged by kind: a forged error cannot cancel a request, a forged result cannot answer it,
+and a copy after the first verified answer is dropped. Stream chunks are verified the same
+way before they reach ``on_chunk``.
 
-Sealed requests (``request_sealed``) are sealed to every active node serving the model, as
-seen in the registry (``discover``), and the sealed reply is opened before it is returned.
+Sealed requests (``request_sealed``) are sealed only to nodes that are admitted and (by
+default) attested, as seen in the registry (``discover``); every reply to them is opened with
+the request's one-time key before it is verified.
 """
 
 from __future__ import annotations
@@ -15,40 +20,65 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
+from client.trust import ClientTrust
+from infra.admission import AdmissionSettings
 from infra.kafka.client import ClusterKafka
 from infra.kafka.ports import Kafka, TopicPartition
-from infra.kafka.reader import TopicReader
 from infra.kafka.settings import KafkaSettings
 from schemas.codec import encode
 from schemas.registry import NodeRegistration
 from schemas.requests import InferenceRequest
-from schemas.results import ErrorReply, InferenceResult, Reply, SealedResult, StreamChunk
-from schemas.sealing import SealedRequest, seal_request
+from schemas.results import (
+    ErrorReply,
+    InferenceResult,
+    Reply,
+    SealedReply,
+    SealedResult,
+    StreamChunk,
+)
+from schemas.sealing import SealedReplyError, SealedRequest, seal_request
 from schemas.topics import HEADER_SCHEMA_VERSION, Topics
-from schemas.verify.registry import RegistryView
+from schemas.verify.attestation import AttestationPolicySettings
+from schemas.verify.result import verify_chunk, verify_error, verify_result
 from schemas.version import SCHEMA_VERSION
 
-__all__ = ["ChunkCallback", "InferenceClient", "NoActiveNodes", "ReplyTimeout"]
+__all__ = ["ChunkCallback", "InferenceClient", "NoActiveNodes", "ReplyTimeout", "Terminal"]
 
 log = logging.getLogger(__name__)
-Terminal = InferenceResult | SealedResult | ErrorReply
+Terminal = InferenceResult | ErrorReply
 ChunkCallback = Callable[[StreamChunk], None]
-_REPLY: TypeAdapter[Terminal | StreamChunk] = TypeAdapter(Reply)
+_REPLY: TypeAdapter[InferenceResult | SealedResult | ErrorReply | StreamChunk | SealedReply] = (
+    TypeAdapter(Reply)
+)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class NoActiveNodes(LookupError):
-    """No active node serves the model (so a sealed request has no one to be sealed to)."""
+    """No admitted (and attested, when required) node serves the model."""
 
 
 class ReplyTimeout(TimeoutError):
     def __init__(self, request_id: str, timeout_s: float) -> None:
-        super().__init__(f"no reply to {request_id} within {timeout_s} s")
+        super().__init__(f"no verified reply to {request_id} within {timeout_s} s")
         self.request_id = request_id
+
+
+@dataclass
+class _Pending:
+    request: InferenceRequest
+    future: asyncio.Future[Terminal]
+    sealed: SealedRequest | None = None
+    on_chunk: ChunkCallback | None = None
 
 
 class InferenceClient:
@@ -57,17 +87,30 @@ class InferenceClient:
         kafka: KafkaSettings | Kafka,
         topics: Topics | None = None,
         reply_to: str | None = None,
+        *,
+        admission: AdmissionSettings | None = None,
+        attestation: AttestationPolicySettings | None = None,
+        seal_to_attested_only: bool = True,
     ) -> None:
+        """``admission`` names who admits nodes (default: the chain's NodeRegistry, which then
+        needs ``registry_address``; ``AdmissionSettings(source="open")`` only for a closed
+        development network); ``attestation`` which TEE evidence counts."""
         self._kafka: Kafka = ClusterKafka(kafka) if isinstance(kafka, KafkaSettings) else kafka
         self.topics = topics or Topics()
         self.reply_to = reply_to or self.topics.replies
         self._producer = self._kafka.producer()
         self._consumer = self._kafka.consumer(None)
-        self._waiters: dict[str, asyncio.Future[Terminal]] = {}
-        self._chunk_callbacks: dict[str, ChunkCallback] = {}
+        self._pending: dict[str, _Pending] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._registry: TopicReader | None = None
-        self._view = RegistryView()
+        self.trust = ClientTrust(
+            self._kafka,
+            self.topics.registry,
+            admission or AdmissionSettings(),
+            attestation or AttestationPolicySettings(),
+        )
+        self._seal_to_attested_only = seal_to_attested_only
+        self.ignored = 0
+        """Replies ignored because they did not verify (or answered nothing pending)."""
 
     async def __aenter__(self) -> InferenceClient:
         await self.start()
@@ -79,6 +122,7 @@ class InferenceClient:
         await self.close()
 
     async def start(self) -> None:
+        await self.trust.start()
         await self._producer.start()
         await self._consumer.start()
         partitions = await self._consumer.partitions_for(self.reply_to)
@@ -92,53 +136,64 @@ class InferenceClient:
         self._reader = asyncio.create_task(self._read())
 
     async def close(self) -> None:
-        if self._registry is not None:
-            await self._registry.stop()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await self._consumer.stop()
         await self._producer.stop()
-
-    async def discover(self, model: str) -> list[NodeRegistration]:
-        """Active nodes serving ``model``, from the registry (read on first use, then kept
-        current in the background)."""
-        if self._registry is None:
-            self._registry = TopicReader(
-                self._kafka.consumer(None), self.topics.registry, self._view.apply
-            )
-            await self._registry.start()
-        return self._view.active_nodes(model)
+        await self.trust.close()
 
     @property
-    def registry_view(self) -> RegistryView:
-        """The nodes this client knows from the registry (filled by ``discover``)."""
-        return self._view
+    def registry_view(self) -> object:
+        """The nodes this client knows from the registry (``schemas.verify.registry``)."""
+        return self.trust.view
 
-    def expect(self, request_id: str) -> asyncio.Future[Terminal]:
-        """A future for the reply to ``request_id``, for a request produced some other way."""
-        future = self._waiters.get(request_id)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._waiters[request_id] = future
-        return future
+    async def discover(self, model: str) -> list[NodeRegistration]:
+        """Nodes a request for ``model`` may be sealed to now: active, admitted, fresh and
+        (unless the client was told otherwise) attested."""
+        self.trust.require_healthy()
+        return self.trust.view.active_nodes(
+            model, _now_ms(), require_attestation=self._seal_to_attested_only
+        )
+
+    def expect(
+        self, request: InferenceRequest, on_chunk: ChunkCallback | None = None
+    ) -> asyncio.Future[Terminal]:
+        """A future for the verified reply to ``request``, produced some other way (or
+        earlier: a resumed batch job)."""
+        pending = self._pending.get(request.request_id)
+        if pending is None:
+            future: asyncio.Future[Terminal] = asyncio.get_running_loop().create_future()
+            pending = self._pending[request.request_id] = _Pending(request, future, None, on_chunk)
+        return pending.future
+
+    def forget(self, request_id: str) -> None:
+        """Stop waiting for ``request_id`` (its future stays as it is)."""
+        self._pending.pop(request_id, None)
 
     async def send(
         self, request: InferenceRequest, on_chunk: ChunkCallback | None = None
     ) -> asyncio.Future[Terminal]:
-        """Produce a request (acknowledged by the broker); return a future for its reply."""
+        """Produce a request (acknowledged by the broker); return a future for its verified
+        reply."""
+        return await self._send(request, None, on_chunk)
+
+    async def _send(
+        self,
+        request: InferenceRequest,
+        sealed: SealedRequest | None,
+        on_chunk: ChunkCallback | None,
+    ) -> asyncio.Future[Terminal]:
         if request.reply_to not in (None, self.reply_to):
             raise ValueError("request names a reply topic this client does not read")
-        future = self.expect(request.request_id)
-        if on_chunk is not None:
-            self._chunk_callbacks[request.request_id] = on_chunk
-        request_to_send = (
-            request if request.reply_to else request.model_copy(update={"reply_to": self.reply_to})
-        )
+        if request.reply_to is None and sealed is None:
+            request = request.model_copy(update={"reply_to": self.reply_to})
+        future: asyncio.Future[Terminal] = asyncio.get_running_loop().create_future()
+        self._pending[request.request_id] = _Pending(request, future, sealed, on_chunk)
         await self._producer.send_and_wait(
             self.topics.infer(request.model),
-            encode(request_to_send),
+            encode(request),
             key=request.request_id.encode(),
             headers=[(HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())],
         )
@@ -150,36 +205,40 @@ class InferenceClient:
         timeout_s: float = 30.0,
         on_chunk: ChunkCallback | None = None,
     ) -> Terminal:
-        future = await self.send(request, on_chunk)
+        return await self._await(await self.send(request, on_chunk), request, timeout_s)
+
+    async def _await(
+        self, future: asyncio.Future[Terminal], request: InferenceRequest, timeout_s: float
+    ) -> Terminal:
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await future
         except TimeoutError as e:
             raise ReplyTimeout(request.request_id, timeout_s) from e
         finally:
-            self._waiters.pop(request.request_id, None)
-            self._chunk_callbacks.pop(request.request_id, None)
+            self._pending.pop(request.request_id, None)
 
     async def seal(self, request: InferenceRequest) -> SealedRequest:
-        """Seal ``request`` to every active node serving its model."""
+        """Seal ``request`` to every node it may be sealed to (``discover``). Set its
+        ``reply_to`` before: the sealed plaintext binds it."""
         nodes = await self.discover(request.model)
         if not nodes:
-            raise NoActiveNodes(f"no active node serves {request.model}")
+            raise NoActiveNodes("no admitted, attested node serves the model")
+        if request.reply_to is None:
+            request = request.model_copy(update={"reply_to": self.reply_to})
         return seal_request(request, [n.x25519_public_key for n in nodes])
 
     async def request_sealed(
-        self, request: InferenceRequest, timeout_s: float = 30.0
-    ) -> tuple[SealedRequest, InferenceResult | ErrorReply]:
-        """Seal, send and await ``request``; a sealed result comes back opened (raises
-        ``client.sealing.SealedReplyError`` if it does not open). Returns the sealed request
-        too: its ``plaintext`` is what ``verify_result`` checks the input hash against."""
+        self,
+        request: InferenceRequest,
+        timeout_s: float = 30.0,
+        on_chunk: ChunkCallback | None = None,
+    ) -> tuple[SealedRequest, Terminal]:
+        """Seal, send and await ``request``; the reply comes back opened and verified.
+        Returns the sealed request too: its ``plaintext`` is what the input hash is over."""
         sealed = await self.seal(request)
-        reply = await self.request(sealed.request, timeout_s)
-        if isinstance(reply, SealedResult):
-            return sealed, sealed.open(reply)
-        if isinstance(reply, InferenceResult):
-            # A node must never answer a sealed request in clear.
-            raise ValueError("a sealed request was answered with a plain result")
-        return sealed, reply
+        future = await self._send(sealed.request, sealed, on_chunk)
+        return sealed, await self._await(future, sealed.request, timeout_s)
 
     async def _read(self) -> None:
         while True:
@@ -191,14 +250,50 @@ class InferenceClient:
     def _dispatch(self, raw: bytes | None) -> None:
         try:
             reply = _REPLY.validate_json(raw or b"")
-        except ValueError:
-            log.warning("undecodable reply ignored")
+        except (ValueError, ValidationError):
+            self._ignore("undecodable")
             return
+        pending = self._pending.get(reply.request_id)
+        if pending is None or pending.future.done():
+            return  # another client's reply, or a copy after the verified answer
+        if isinstance(reply, SealedReply | SealedResult) != (pending.sealed is not None):
+            self._ignore("sealing does not match the request")
+            return
+        try:
+            self._route(pending, reply)
+        except SealedReplyError:
+            self._ignore("sealed reply does not open")
+
+    def _route(
+        self,
+        pending: _Pending,
+        reply: InferenceResult | SealedResult | ErrorReply | StreamChunk | SealedReply,
+    ) -> None:
+        sealed = pending.sealed
+        if isinstance(reply, SealedReply):
+            assert sealed is not None
+            reply = sealed.open_reply(reply)
+        elif isinstance(reply, SealedResult):
+            assert sealed is not None
+            reply = sealed.open(reply)
+        trust = self.trust.snapshot()
+        plaintext = sealed.plaintext if sealed is not None else None
         if isinstance(reply, StreamChunk):
-            callback = self._chunk_callbacks.get(reply.request_id)
-            if callback is not None:
-                callback(reply)
+            report = verify_chunk(reply, pending.request.request_id, trust=trust)
+            if report.ok and pending.on_chunk is not None:
+                pending.on_chunk(reply)
+            elif not report.ok:
+                self._ignore("chunk does not verify")
             return
-        future = self._waiters.get(reply.request_id)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        if isinstance(reply, ErrorReply):
+            report = verify_error(reply, pending.request, trust=trust, plaintext=plaintext)
+        else:
+            report = verify_result(reply, pending.request, trust=trust, plaintext=plaintext)
+        if report.ok:
+            pending.future.set_result(reply)
+        else:
+            self._ignore(f"{type(reply).__name__} does not verify: {report.failed()}")
+
+    def _ignore(self, why: str) -> None:
+        self.ignored += 1
+        log.warning("reply ignored", extra={"why": why})

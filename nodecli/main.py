@@ -102,6 +102,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         port=args.port,
         namespace=args.namespace,
         chain_port=args.chain_port,
+        worker_metrics_port=args.worker_metrics_port,
+        settlement_metrics_port=args.settlement_metrics_port,
     )
     if args.action == "up":
         _print_json(stack_up(cfg))
@@ -123,20 +125,11 @@ def _read_json_arg(value: str) -> Any:
 
 
 def _cmd_request(args: argparse.Namespace) -> int:
-    from client import (
-        ClientSettings,
-        InferenceClient,
-        NoActiveNodes,
-        ReplyTimeout,
-        SealedReplyError,
-        build_request,
-        parse_payload,
-    )
-    from schemas.base import VerificationMode
+    from client import ClientSettings, NoActiveNodes, ReplyTimeout, TrustUnavailable, parse_payload
+    from client.oneshot import load_payer_key, request_once
+    from schemas.base import SettlementMode, VerificationMode
     from schemas.codec import encode
     from schemas.results import InferenceResult, StreamChunk
-    from schemas.topics import Topics
-    from schemas.verify.result import verify_result
 
     settings = ClientSettings()
     if args.bootstrap:
@@ -149,52 +142,42 @@ def _cmd_request(args: argparse.Namespace) -> int:
         else:
             raw_payload = _read_json_arg(args.input)
         payload = parse_payload(raw_payload)
-        request = build_request(
-            args.model,
-            payload,
-            deadline_s=args.deadline_s,
-            payer=args.payer,
-            reply_to=settings.reply_to,
-            mode=VerificationMode(args.mode),
-        )
-        if args.stream:
-            request = request.model_copy(update={"stream": True})
+        payer_key = load_payer_key(args.payer_key) if args.payer_key else None
     except (OSError, KeyError, ValueError, ValidationError) as e:
         detail = e.error_count() if isinstance(e, ValidationError) else type(e).__name__
         return _fail(f"invalid request input ({detail})")
-    if args.save_request:
-        args.save_request.write_bytes(encode(request))
 
     def on_chunk(chunk: StreamChunk) -> None:
         sys.stderr.write(chunk.text)
         sys.stderr.flush()
 
-    async def go() -> tuple[Any, Any]:
-        timeout_s = args.timeout_s or settings.timeout_s
-        async with InferenceClient(
-            settings.kafka, Topics(settings.namespace), settings.reply_to
-        ) as c:
-            if args.sealed:
-                sealed, opened = await c.request_sealed(request, timeout_s=timeout_s)
-                return opened, sealed.plaintext
-            return await c.request(request, timeout_s=timeout_s, on_chunk=on_chunk), None
-
     try:
-        reply, plaintext = asyncio.run(go())
-    except ReplyTimeout as e:
+        shot = asyncio.run(
+            request_once(
+                settings,
+                args.model,
+                payload,
+                timeout_s=args.timeout_s or settings.timeout_s,
+                deadline_s=args.deadline_s,
+                mode=VerificationMode(args.mode),
+                settlement=SettlementMode(args.settlement),
+                payer_key=payer_key,
+                sealed=args.sealed,
+                stream=args.stream,
+                on_chunk=on_chunk,
+            )
+        )
+    except (ReplyTimeout, NoActiveNodes, TrustUnavailable) as e:
         return _fail(str(e), 1)
-    except NoActiveNodes as e:
-        return _fail(str(e), 1)
-    except SealedReplyError:
-        return _fail("the sealed reply does not open with this request's key", 1)
     if args.stream:
         sys.stderr.write("\n")
-    _print_json(reply.model_dump(mode="json"))
-    if not isinstance(reply, InferenceResult):
+    if args.save_request:
+        args.save_request.write_bytes(encode(shot.request))
+    _print_json(shot.reply.model_dump(mode="json"))
+    if not isinstance(shot.reply, InferenceResult):
         return 1
-    report = verify_result(reply, request, plaintext=plaintext)
-    if not report.ok:
-        sys.stderr.write(json.dumps(report.as_dict()) + "\n")
+    if not shot.report.ok:
+        sys.stderr.write(json.dumps(shot.report.as_dict()) + "\n")
         return _fail("reply failed verification", 1)
     return 0
 
@@ -271,6 +254,39 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from client import ClientSettings
+    from client.batch import BatchError, BatchOptions, batch_status, cancel_batch, submit_batch
+    from infra.kafka.ports import KafkaPortError
+
+    try:
+        if args.action == "status":
+            _print_json(batch_status(args.job_dir))
+            return 0
+        if args.action == "cancel":
+            _print_json(cancel_batch(args.job_dir))
+            return 0
+        settings = ClientSettings()
+        if args.bootstrap:
+            settings.kafka.bootstrap_servers = args.bootstrap
+        try:
+            options = BatchOptions(
+                max_in_flight=args.max_in_flight,
+                timeout_s=args.timeout_s or settings.timeout_s,
+                deadline_s=args.deadline_s,
+                include_requests=not args.no_requests,
+            )
+        except ValueError as e:
+            return _fail(str(e))
+        summary = submit_batch(args.file, args.out, settings, options)
+    except BatchError as e:
+        return _fail(str(e))
+    except KafkaPortError as e:
+        return _fail(f"the Kafka cluster failed ({type(e).__name__})", 1)
+    _print_json(summary)
+    return 0 if summary["status"] == "completed" else 1
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -300,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=9092, help="Kafka-API broker port")
     st.add_argument("--chain-port", type=int, default=8545, help="anvil JSON-RPC port")
     st.add_argument("--namespace", default="og")
+    st.add_argument("--worker-metrics-port", type=int, default=9108, help="worker /readyz port")
+    st.add_argument("--settlement-metrics-port", type=int, default=9109)
     st.set_defaults(func=_cmd_stack)
 
     r = sub.add_parser("request", help="send one request, print its reply (OG_CLIENT_*)")
@@ -311,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bootstrap", help="Kafka bootstrap servers (default OG_CLIENT_KAFKA__...)")
     r.add_argument("--timeout-s", type=float)
     r.add_argument("--deadline-s", type=float)
-    r.add_argument("--payer")
+    r.add_argument(
+        "--payer-key",
+        type=Path,
+        help="sign the request as its payer: a file holding ed25519:<hex seed> or "
+        "secp256k1:<hex key>",
+    )
+    r.add_argument("--settlement", choices=["batch", "individual", "private"], default="batch")
     r.add_argument(
         "--save-request", type=Path, help="also write the request (before sealing) to FILE"
     )
@@ -323,6 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", action="store_true", help="stream text to stderr as it comes")
     r.add_argument("--mode", choices=["VANILLA", "TEE", "ZKML"], default="VANILLA")
     r.set_defaults(func=_cmd_request)
+
+    b = sub.add_parser("batch", help="batch jobs: a JSONL file of requests (OG_CLIENT_*)")
+    batch = b.add_subparsers(dest="action", required=True)
+    bs = batch.add_parser("submit", help="start a job, or resume the one in --out")
+    bs.add_argument("file", type=Path, help="input JSONL: one request per line")
+    bs.add_argument("--out", type=Path, required=True, help="job directory (state and outputs)")
+    bs.add_argument("--max-in-flight", type=int, default=256)
+    bs.add_argument("--deadline-s", type=float, help="deadline sent with each request")
+    bs.add_argument("--timeout-s", type=float, help="wait per request (default OG_CLIENT_...)")
+    bs.add_argument("--bootstrap", help="Kafka bootstrap servers (default OG_CLIENT_KAFKA__...)")
+    bs.add_argument("--no-requests", action="store_true", help="leave requests out of outputs")
+    for action, text in (("status", "counts of a job"), ("cancel", "stop a job")):
+        batch.add_parser(action, help=text).add_argument("job_dir", type=Path)
+    b.set_defaults(func=_cmd_batch)
 
     v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")
     v.add_argument("reply", type=Path, nargs="?")

@@ -16,8 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from infra.admission import AdmissionSettings, admission_source
+from infra.dev.stack import local_registry
+from infra.evm import ChainError
 from schemas.requests import InferenceRequest
 from schemas.results import InferenceResult
+from schemas.verify.admission import Admissions
 from schemas.verify.attestation import AttestationPolicy
 from schemas.verify.offline import load_policy, verify_offline
 
@@ -47,6 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-dev", action="store_true", help="accept development attestations (no TEE)"
     )
     parser.add_argument(
+        "--admission",
+        choices=["chain", "authority", "open"],
+        default="chain",
+        help="who admits nodes: the NodeRegistry contract (--registry-address, --rpc-url; "
+        "default: the local stack's), a pinned authority's list (--authority-key, "
+        "--admission-list), or open (no admission: closed development networks only)",
+    )
+    parser.add_argument("--registry-address", help="the NodeRegistry contract (admission=chain)")
+    parser.add_argument("--authority-key", action="append", default=[], help="pinned key (hex)")
+    parser.add_argument("--admission-list", type=Path, help="the signed admission list")
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path("var"), help="local stack state (registry address)"
+    )
+    parser.add_argument(
         "--at-unix-ms",
         type=int,
         help="check certificates, collateral and evidence age as of this time (default: now)",
@@ -74,6 +92,25 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
     if args.at_unix_ms is not None:
         data["now_unix_ms"] = args.at_unix_ms
     return load_policy(data)
+
+
+async def _admissions(args: argparse.Namespace) -> Admissions:
+    """The admission facts the options name (``ValueError`` when they are incomplete)."""
+    registry = getattr(args, "registry_address", None)
+    if args.admission == "chain" and registry is None:
+        registry = local_registry(getattr(args, "state_dir", Path("var")))
+    settings = AdmissionSettings(
+        source=args.admission,
+        rpc_url=args.rpc_url,
+        registry_address=registry,
+        authority_keys=list(getattr(args, "authority_key", [])),
+        authority_list=getattr(args, "admission_list", None),
+    )
+    source = admission_source(settings)
+    try:
+        return await source.snapshot()
+    finally:
+        await source.close()
 
 
 def _fail(message: str, code: int) -> int:
@@ -107,7 +144,19 @@ def run_verify(args: argparse.Namespace) -> int:
         return _fail("--registration needs the reply it vouches for", 2)
     report: dict[str, Any] = {"checks": []}
     if result is not None:
-        report = verify_offline(result, request=request, registration=registration, policy=policy)
+        try:
+            admissions = asyncio.run(_admissions(args))
+        except (ChainError, OSError, ValueError) as e:
+            sys.stderr.write(f"inference-node: admission facts unavailable ({type(e).__name__})\n")
+            admissions = None
+        report = verify_offline(
+            result,
+            request=request,
+            registration=registration,
+            policy=policy,
+            admissions=admissions,
+            at_unix_ms=policy.now_ms(),
+        )
     if proof is not None:
         from settlement.inclusion import check_inclusion
 

@@ -18,7 +18,7 @@ from pydantic import Field, StringConstraints
 
 from schemas import limits
 from schemas.base import Hex32, TopicName, UnixMs, WireModel
-from schemas.version import SCHEMA_VERSION
+from schemas.version import SCHEMA_VERSION, SchemaVersion
 
 __all__ = ["MAX_DLQ_COPY_BYTES", "DlqEntry"]
 
@@ -32,7 +32,7 @@ _HEX = Annotated[
 
 
 class DlqEntry(WireModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     type: Literal["dlq_entry"] = "dlq_entry"
     reason: str = Field(max_length=limits.MAX_ERROR_MESSAGE_CHARS)
     original_topic: TopicName

@@ -19,6 +19,7 @@ from schemas.merkle import LEAF_TYPES, leaf_hash, leaf_values, verify_proof
 from schemas.results import InferenceResult
 from schemas.signing import verify_envelope_signature
 from schemas.verify.result import Check
+from schemas.version import SCHEMA_VERSION, SchemaVersion
 
 __all__ = [
     "AnchoringTx",
@@ -53,7 +54,7 @@ class ChainRef(WireModel):
 
 
 class InclusionProof(WireModel):
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = SCHEMA_VERSION
     type: Literal["inclusion_proof"] = "inclusion_proof"
     request_id: RequestId
     node_id: Hex32

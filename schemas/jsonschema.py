@@ -6,8 +6,11 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from schemas.admission import SignedAdmissionList
+from schemas.dlq import DlqEntry
+from schemas.inclusion import InclusionProof
 from schemas.proofs import ProofRecord
-from schemas.registry import RegistrationRecord, RevocationRecord
+from schemas.registry import RegistrationRecord
 from schemas.requests import InferenceRequest
 from schemas.results import Reply
 from schemas.sealed import SealedPlaintext
@@ -24,6 +27,8 @@ def all_schemas() -> dict[str, dict[str, Any]]:
         "SettlementRecord": SettlementRecord.model_json_schema(),
         "ProofRecord": ProofRecord.model_json_schema(),
         "RegistrationRecord": RegistrationRecord.model_json_schema(),
-        "RevocationRecord": RevocationRecord.model_json_schema(),
+        "SignedAdmissionList": SignedAdmissionList.model_json_schema(),
+        "DlqEntry": DlqEntry.model_json_schema(),
+        "InclusionProof": InclusionProof.model_json_schema(),
         "SealedPlaintext": SealedPlaintext.model_json_schema(),
     }

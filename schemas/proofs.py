@@ -35,7 +35,7 @@ from schemas.fixedpoint import InputType, felt_hex
 from schemas.requests import MAX_SAFE_INT, MLInput, TensorName
 from schemas.results import MLOutput
 from schemas.signing import verify_signature
-from schemas.version import SCHEMA_VERSION
+from schemas.version import SCHEMA_VERSION, SchemaVersion
 
 __all__ = [
     "CIRCUIT_FORMAT",
@@ -70,7 +70,7 @@ SrsLabel = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
 class ProofClaims(WireModel):
     """What the node signs about one proof."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     request_id: RequestId
     node_id: Hex32
     model_id: ModelName
@@ -102,7 +102,7 @@ class ProofClaims(WireModel):
 
 
 class ProofRecord(WireModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     type: Literal["proof_record"] = "proof_record"
     claims: ProofClaims
     signature: Hex64

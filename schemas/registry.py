@@ -1,49 +1,40 @@
-"""Node registrations on the compacted ``<ns>.registry`` topic.
+"""Node registrations on the compacted ``<ns>.registry`` topic: the fast discovery path.
 
-Kafka key: ``node_id`` for registrations (each heartbeat re-publishes the whole signed record
-with a new ``heartbeat_unix_ms``, so compaction keeps exactly the latest state of each node),
-and ``revocation:<node_id>`` for revocations (kept beside it by compaction).
+Kafka key: ``node_id`` (each heartbeat re-publishes the whole signed record with a new
+``heartbeat_unix_ms`` and ``sequence``, so compaction keeps the latest state of each node).
 
 A registration is signed by the node's ed25519 key over
-``domain_digest(REGISTRATION_DOMAIN, registration)``; a revocation by a registry authority key
-over ``domain_digest(REVOCATION_DOMAIN, revocation)``. The attestation evidence, when present,
-binds all three node keys (``schemas.attestation``).
+``domain_digest(REGISTRATION_DOMAIN, registration)``; the attestation evidence, when present,
+binds all three node keys (``schemas.attestation``). A registration says what a node claims;
+whether it counts is decided by admission (``schemas.admission``): anyone can write this topic
+and register a key of their own, and anyone can erase or replay a compacted key, so revocation
+never travels here.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Final, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field
 
-from schemas import limits
 from schemas.attestation import Attestation
-from schemas.base import Hex32, Hex64, ModelName, UnixMs, VerificationMode, WireModel
+from schemas.base import ChainAddress, Hex32, Hex64, ModelName, UnixMs, VerificationMode, WireModel
 from schemas.signing import verify_signature
-from schemas.version import SCHEMA_VERSION
+from schemas.version import SCHEMA_VERSION, SchemaVersion
 
 __all__ = [
     "REGISTRATION_DOMAIN",
-    "REVOCATION_DOMAIN",
-    "ChainAddress",
     "NodeRegistration",
     "NodeStatus",
     "RegisteredModel",
     "RegistrationRecord",
-    "Revocation",
-    "RevocationRecord",
     "registration_key",
-    "revocation_key",
     "verify_registration",
-    "verify_revocation",
 ]
 
-REGISTRATION_DOMAIN: Final = b"og-inference-node/node-registration/v1"
-REVOCATION_DOMAIN: Final = b"og-inference-node/node-revocation/v1"
+REGISTRATION_DOMAIN: Final = b"og-inference-node/node-registration/v2"
 MAX_MODELS = 256
 
-ChainAddress = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-f]{40}$")]
-"""An EVM address, lower-case hex (no EIP-55 checksum: one spelling, one hash)."""
 NodeStatus = Literal["active", "draining", "retired"]
 
 
@@ -59,7 +50,7 @@ class RegisteredModel(WireModel):
 class NodeRegistration(WireModel):
     """What a node states about itself. ``node_id`` is its ed25519 public key."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     node_id: Hex32
     x25519_public_key: Hex32
     """Sealed requests are sealed to this key."""
@@ -73,29 +64,17 @@ class NodeRegistration(WireModel):
     started_unix_ms: UnixMs
     heartbeat_unix_ms: UnixMs
     heartbeat_interval_s: float = Field(gt=0, le=3600)
+    sequence: int = Field(ge=0, le=2**53 - 1)
+    """Strictly increasing with every registration or heartbeat the node publishes, across
+    restarts (the node derives it from its clock, never reusing one): verifiers ignore any
+    registration whose sequence is not above the latest they accepted, so an old signed
+    registration replayed on the topic changes nothing."""
 
 
 class RegistrationRecord(WireModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     type: Literal["node_registration"] = "node_registration"
     registration: NodeRegistration
-    signature: Hex64
-
-
-class Revocation(WireModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
-    node_id: Hex32
-    revoked_unix_ms: UnixMs
-    """Records the node signed at or after this time are rejected."""
-    reason: str = Field(max_length=limits.MAX_ERROR_MESSAGE_CHARS)
-    authority_id: Hex32
-    """The ed25519 key of the registry authority that signs this revocation."""
-
-
-class RevocationRecord(WireModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
-    type: Literal["node_revocation"] = "node_revocation"
-    revocation: Revocation
     signature: Hex64
 
 
@@ -103,22 +82,8 @@ def registration_key(node_id: str) -> bytes:
     return node_id.encode()
 
 
-def revocation_key(node_id: str) -> bytes:
-    return f"revocation:{node_id}".encode()
-
-
 def verify_registration(record: RegistrationRecord) -> bool:
     """True when the registration is signed by the node it names."""
     return verify_signature(
         REGISTRATION_DOMAIN, record.registration.node_id, record.registration, record.signature
-    )
-
-
-def verify_revocation(record: RevocationRecord) -> bool:
-    """True when signed by ``authority_id`` (whether that authority is trusted is policy)."""
-    return verify_signature(
-        REVOCATION_DOMAIN,
-        record.revocation.authority_id,
-        record.revocation,
-        record.signature,
     )

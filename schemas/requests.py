@@ -6,16 +6,26 @@ Two payload kinds share one request envelope, discriminated by ``payload.kind``:
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StringConstraints, model_validator
 
 from schemas import limits
-from schemas.base import ModelName, RequestId, TopicName, UnixMs, VerificationMode, WireModel
+from schemas.base import (
+    ModelName,
+    RequestId,
+    SettlementMode,
+    TopicName,
+    UnixMs,
+    VerificationMode,
+    WireModel,
+)
 from schemas.canonical import sha256_hex
+from schemas.payer import Payer
 from schemas.sealed import SealedInput
-from schemas.version import SCHEMA_VERSION
+from schemas.version import SCHEMA_VERSION, SchemaVersion
 
 __all__ = [
     "ChatInput",
@@ -37,6 +47,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "input_hash",
+    "max_output_tokens",
 ]
 
 TensorDType = Literal["float32", "float64", "int32", "int64", "bool", "string"]
@@ -67,18 +78,16 @@ class Tensor(WireModel):
 
     @model_validator(mode="after")
     def _check(self) -> Tensor:
+        # Messages name the rule broken, never a value, size or count from the request.
         if math.prod(self.shape) != len(self.data):
-            raise ValueError(
-                f"shape {self.shape} needs {math.prod(self.shape)} elements, got {len(self.data)}"
-            )
+            raise ValueError("the element count differs from the shape's")
         for value in self.data:
             if not _fits(self.dtype, value):
                 if isinstance(value, dict):
                     raise ValueError(
-                        f"element is not a fixed-point {self.dtype} "
-                        '{"value": int, "decimals": 0..38}'
+                        'an element is not a fixed-point number {"value": int, "decimals": 0..38}'
                     )
-                raise ValueError(f"element of type {type(value).__name__} is not {self.dtype}")
+                raise ValueError("an element does not fit the tensor's dtype")
         return self
 
 
@@ -254,10 +263,19 @@ class ChatInput(WireModel):
     @model_validator(mode="after")
     def _total_size(self) -> ChatInput:
         if sum(len(m.content or "") for m in self.messages) > limits.MAX_PROMPT_CHARS:
-            raise ValueError(f"conversation longer than {limits.MAX_PROMPT_CHARS} characters")
+            raise ValueError("the conversation is longer than the limit")
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
             raise ValueError("tool_choice needs tools")
+        schemas = [t.function.parameters for t in self.tools or () if t.function.parameters]
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            schemas.append(self.response_format.json_schema.schema_)
+        if sum(_json_chars(s) for s in schemas) > limits.MAX_TOOL_SCHEMA_CHARS:
+            raise ValueError("the tool and response schemas are longer than the limit")
         return self
+
+
+def _json_chars(value: dict[str, Any]) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
 Payload = Annotated[ChatInput | MLInput | SealedInput, Field(discriminator="kind")]
@@ -271,18 +289,27 @@ class InferenceRequest(WireModel):
     later answers ``deadline_exceeded`` without running it.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     type: Literal["inference_request"] = "inference_request"
     request_id: RequestId
     model: ModelName
     mode: VerificationMode = VerificationMode.VANILLA
+    settlement: SettlementMode = SettlementMode.BATCH
     reply_to: TopicName | None = None
     created_unix_ms: UnixMs
+    """Workers and settlement refuse requests created too long ago (a replay years later)."""
     deadline_unix_ms: UnixMs | None = None
-    payer: RequestId | None = None
+    payer: Payer | None = None
+    """Who pays, with their signature over this request's ``PayerGrant`` (``schemas.payer``);
+    None: billed to nobody."""
     stream: StrictBool = False
     """Send ``StreamChunk`` messages while generating (chat models), then the final result."""
     payload: Payload
+
+
+def max_output_tokens(payload: ChatInput | MLInput) -> int | None:
+    """The output budget a request grants: ``params.max_tokens`` for chat, None for ML."""
+    return payload.params.max_tokens if isinstance(payload, ChatInput) else None
 
 
 def input_hash(payload: ChatInput | MLInput | SealedInput | dict[str, Any]) -> str:

@@ -7,18 +7,32 @@ node answers with the output sealed to the client's one-time ``reply_public_key`
 envelope still carries ``input_hash`` and ``output_hash`` over the *plaintext* payload and
 output, so the client verifies a sealed result exactly like a plain one.
 
-The plaintext inside ``ciphertext`` is the RFC 8785 form of ``SealedPlaintext``: it repeats the
-request id and model so a ciphertext cannot be replayed under another request or model.
+The plaintext inside ``ciphertext`` is the RFC 8785 form of ``SealedPlaintext``: it repeats
+every field of the request the node acts on (id, model, mode, settlement mode, reply key, reply
+topic, payer, creation time, deadline, stream flag). The node compares each with the request's
+clear fields and refuses any difference (``sealed_mismatch``), so nobody who copies a sealed
+request can redirect its answer to another key or topic, bill it to someone else, or change
+how it runs: only the client who sealed it chose those fields.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StrictBool, StringConstraints
 
 from schemas import limits
-from schemas.base import Hex32, ModelName, RequestId, WireModel
+from schemas.base import (
+    Hex32,
+    ModelName,
+    RequestId,
+    SettlementMode,
+    TopicName,
+    UnixMs,
+    VerificationMode,
+    WireModel,
+)
+from schemas.payer import Payer
 
 __all__ = [
     "SEALED_ALG",
@@ -58,9 +72,18 @@ class SealedInput(WireModel):
 
 
 class SealedPlaintext(WireModel):
-    """What ``SealedInput.ciphertext`` decrypts to (as RFC 8785 JSON)."""
+    """What ``SealedInput.ciphertext`` decrypts to (as RFC 8785 JSON): the payload, and a copy
+    of every clear field of the request that the node acts on."""
 
     request_id: RequestId
     model: ModelName
+    mode: VerificationMode
+    settlement: SettlementMode
+    reply_public_key: Hex32
+    reply_to: TopicName | None
+    payer: Payer | None
+    created_unix_ms: UnixMs
+    deadline_unix_ms: UnixMs | None
+    stream: StrictBool
     payload: dict[str, Any]
     """The real payload (``ChatInput`` or ``MLInput`` JSON); ``input_hash`` is over it."""

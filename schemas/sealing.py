@@ -9,15 +9,15 @@ A node opens a sealed request with its X25519 key (``NodeSealer.open``) and seal
 the client's reply key (``NodeSealer.seal_output``). Opening can fail in three expected ways,
 returned as values (not raised) so each gets its own typed error: ``NotARecipient`` (no content
 key for this node: another node must answer), ``BadCiphertext`` (tampered or malformed),
-``BadPlaintext`` (opens, but is not a valid request for this id/model). Error messages never
-contain the plaintext.
+``BadPlaintext`` (opens, but is not a valid request for this id/model), ``Mismatch`` (opens,
+but binds other routing fields than the request shows). Error messages never contain the
+plaintext.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +28,26 @@ from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.secret import SecretBox
 from pydantic import TypeAdapter, ValidationError
 
+from schemas import limits
 from schemas.canonical import canonical_bytes
-from schemas.codec import too_deep
+from schemas.codec import loads, scan
 from schemas.requests import ChatInput, InferenceRequest, MLInput
-from schemas.results import ChatOutput, InferenceResult, MLOutput, Output, SealedResult
+from schemas.results import (
+    ChatOutput,
+    ErrorReply,
+    InferenceResult,
+    MLOutput,
+    Output,
+    SealedReply,
+    SealedResult,
+    StreamChunk,
+)
 from schemas.sealed import SealedInput, SealedPlaintext, SealedRecipient
 
 __all__ = [
     "BadCiphertext",
     "BadPlaintext",
+    "Mismatch",
     "NodeSealer",
     "NotARecipient",
     "Opened",
@@ -47,6 +58,7 @@ __all__ = [
 
 _OUTPUT: TypeAdapter[ChatOutput | MLOutput] = TypeAdapter(Output)
 _INNER: TypeAdapter[ChatInput | MLInput] = TypeAdapter(ChatInput | MLInput)
+_INNER_REPLY: TypeAdapter[ErrorReply | StreamChunk] = TypeAdapter(ErrorReply | StreamChunk)
 
 
 # -- the client's half ---------------------------------------------------------------------
@@ -80,25 +92,50 @@ class SealedRequest:
             request_id=reply.request_id,
             envelope=reply.envelope,
             signature=reply.signature,
+            chain_signature=reply.chain_signature,
             output=output,
         )
 
+    def open_reply(self, reply: SealedReply) -> ErrorReply | StreamChunk:
+        """The signed error or chunk inside a ``SealedReply``; ``SealedReplyError`` if it does
+        not open, or answers another request."""
+        if reply.request_id != self.request.request_id:
+            raise SealedReplyError("the reply answers another request")
+        try:
+            raw = SealedBox(self.reply_key).decrypt(base64.b64decode(reply.sealed))
+            inner = _INNER_REPLY.validate_json(raw)
+        except (CryptoError, ValueError, ValidationError) as e:
+            raise SealedReplyError("the sealed reply does not open with this request's key") from e
+        if inner.request_id != reply.request_id or inner.node_id != reply.node_id:
+            raise SealedReplyError("the sealed reply's content names another request or node")
+        return inner
+
 
 def seal_request(request: InferenceRequest, recipients: Sequence[str]) -> SealedRequest:
-    """Seal ``request``'s payload to each X25519 key (hex) in ``recipients``."""
+    """Seal ``request``'s payload to each X25519 key (hex) in ``recipients``. Every field the
+    node acts on is bound into the plaintext as the request has it now: set ``reply_to``,
+    ``payer`` and the rest before sealing (changing them afterwards makes nodes refuse it)."""
     payload = request.payload
     if isinstance(payload, SealedInput):
         raise ValueError("request is sealed already")
     if not recipients:
         raise ValueError("no recipients: no active node serves the model")
     content_key = nacl.utils.random(SecretBox.KEY_SIZE)
+    reply_key = PrivateKey.generate()
     plaintext = SealedPlaintext(
         request_id=request.request_id,
         model=request.model,
+        mode=request.mode,
+        settlement=request.settlement,
+        reply_public_key=reply_key.public_key.encode().hex(),
+        reply_to=request.reply_to,
+        payer=request.payer,
+        created_unix_ms=request.created_unix_ms,
+        deadline_unix_ms=request.deadline_unix_ms,
+        stream=request.stream,
         payload=payload.model_dump(mode="json"),
     )
     ciphertext = SecretBox(content_key).encrypt(canonical_bytes(plaintext))
-    reply_key = PrivateKey.generate()
     sealed = SealedInput(
         recipients=[
             SealedRecipient(
@@ -141,6 +178,12 @@ class BadPlaintext:
     reason: str
 
 
+@dataclass(frozen=True)
+class Mismatch:
+    """Opens, but binds other routing fields than the request carries in clear (someone
+    changed the request after it was sealed)."""
+
+
 class NodeSealer:
     """Holds the node's X25519 private key; never part of ``repr``."""
 
@@ -154,7 +197,7 @@ class NodeSealer:
 
     def open(
         self, request: InferenceRequest, sealed: SealedInput
-    ) -> Opened | NotARecipient | BadCiphertext | BadPlaintext:
+    ) -> Opened | NotARecipient | BadCiphertext | BadPlaintext | Mismatch:
         mine = [r for r in sealed.recipients if r.x25519_public_key == self.public_key_hex]
         if not mine:
             return NotARecipient()
@@ -165,22 +208,48 @@ class NodeSealer:
             )
         except (CryptoError, binascii.Error, ValueError, TypeError):
             return BadCiphertext()
-        if too_deep(plaintext):
-            return BadPlaintext("sealed payload nests too deeply")
+        if len(plaintext) > limits.MAX_MESSAGE_BYTES or scan(plaintext) is not None:
+            return BadPlaintext("the sealed payload is not well-formed JSON")
         try:
-            inner = SealedPlaintext.model_validate(json.loads(plaintext))
+            inner = SealedPlaintext.model_validate(loads(plaintext))
         except (ValueError, ValidationError):
-            return BadPlaintext("sealed plaintext is not a valid sealed payload")
+            return BadPlaintext("the sealed plaintext is not a valid sealed payload")
         if inner.request_id != request.request_id or inner.model != request.model:
             return BadPlaintext("sealed payload was made for another request or model")
+        if _clear_fields(inner) != _clear_fields(request, sealed.reply_public_key):
+            return Mismatch()
         try:
             payload = _INNER.validate_python(inner.payload)
-        except ValidationError as e:
-            fields = sorted({str(err["loc"][0]) for err in e.errors() if err["loc"]})
-            return BadPlaintext(f"sealed payload is invalid (fields: {', '.join(fields)[:200]})")
+        except ValidationError:
+            return BadPlaintext("the sealed payload is not a valid payload")
         return Opened(payload, inner.payload, PublicKey(bytes.fromhex(sealed.reply_public_key)))
 
     @staticmethod
     def seal_output(output: ChatOutput | MLOutput, reply_key: PublicKey) -> str:
         """Base64 ``SealedBox(reply_key).encrypt(canonical(output))``."""
         return base64.b64encode(SealedBox(reply_key).encrypt(canonical_bytes(output))).decode()
+
+    @staticmethod
+    def seal_reply(reply: ErrorReply | StreamChunk, reply_key: PublicKey) -> SealedReply:
+        """A signed error or chunk sealed whole to the client's one-time key."""
+        sealed = SealedBox(reply_key).encrypt(canonical_bytes(reply))
+        return SealedReply(
+            request_id=reply.request_id,
+            node_id=reply.node_id,
+            sealed=base64.b64encode(sealed).decode(),
+        )
+
+
+def _clear_fields(source: Any, reply_public_key: str | None = None) -> tuple[Any, ...]:
+    """The fields a sealed plaintext must repeat, from it or from the request in clear."""
+    key = source.reply_public_key if reply_public_key is None else reply_public_key
+    return (
+        source.mode,
+        source.settlement,
+        key,
+        source.reply_to,
+        source.payer,
+        source.created_unix_ms,
+        source.deadline_unix_ms,
+        source.stream,
+    )

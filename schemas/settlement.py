@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from schemas.base import Hex64, WireModel
+from schemas.base import ChainSignature, Hex64, WireModel
 from schemas.results import ResultEnvelope
-from schemas.version import SCHEMA_VERSION
+from schemas.version import SCHEMA_VERSION, SchemaVersion
 
 __all__ = ["SettlementRecord"]
 
 
 class SettlementRecord(WireModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     type: Literal["settlement_record"] = "settlement_record"
     envelope: ResultEnvelope
     signature: Hex64
+    chain_signature: ChainSignature

@@ -106,9 +106,8 @@ class SettlementService:
             )
             await self.health.start()
         self.ledger = await asyncio.to_thread(open_ledger, s.ledger_url)
-        if s.registry.required:
-            self.nodes = NodeRegistry(self.kafka, s.topics.registry, s.registry)
-            await self.nodes.start()
+        self.nodes = NodeRegistry(self.kafka, s.topics.registry, s.registry, s.admission)
+        await self.nodes.start(self.supervisor)
         if s.anchor:
             self.chain = await SettlementChain.connect(s.chain)
             self.batcher = Batcher(
@@ -159,6 +158,7 @@ class SettlementService:
     async def _settle(self, batches: Mapping[TopicPartition, Sequence[Record]]) -> None:
         assert self._consumer is not None and self.ledger is not None
         now_ms = _now_ms()
+        rules = self.settings.record_rules()
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
         proof_messages: list[tuple[Record, Origin]] = []
@@ -170,9 +170,7 @@ class SettlementService:
                 if _is_proof_record(msg.value):
                     proof_messages.append((msg, origin))
                     continue
-                outcome = verify_record(
-                    msg.value, max_clock_skew_s=self.settings.max_clock_skew_s, now_ms=now_ms
-                )
+                outcome = verify_record(msg.value, received_unix_ms=now_ms, rules=rules)
                 if isinstance(outcome, Rejected):
                     self._reject(outcome, msg, origin, rejected)
                 else:
@@ -180,7 +178,7 @@ class SettlementService:
             offsets[tp] = records[-1].offset + 1
         await self._await_nodes({v.record.envelope.node_id for v, _, _ in verified})
         for item, msg, origin in verified:
-            gated = gate_record(item, self.nodes) if self.nodes is not None else None
+            gated = gate_record(item, self.nodes, now_ms) if self.nodes is not None else None
             if gated is not None:
                 self._reject(gated, msg, origin, rejected)
             else:
@@ -200,7 +198,7 @@ class SettlementService:
         self.metrics.settled(
             verified=len(accepted),
             inserted=inserted,
-            rejected_reasons=[r.outcome.reason for r in rejected] + ["replay"] * stored.replays,
+            rejected_reasons=[r.outcome.reason for r in rejected] + list(stored.refused),
             write_s=time.perf_counter() - started_s,
             replays=stored.replays,
         )
@@ -271,8 +269,12 @@ class SettlementService:
             if isinstance(outcome, ProofChecked):
                 claims = outcome.record.claims
                 reason = (
-                    self.nodes.check_record(
-                        claims.node_id, claims.signed_unix_ms, VerificationMode.ZKML
+                    self.nodes.check(
+                        claims.node_id,
+                        claims.model_id,
+                        claims.model_digest,
+                        VerificationMode.ZKML,
+                        now_ms,
                     )
                     if self.nodes is not None
                     else None

@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from schemas.merkle import MerkleTree
 from settlement.chain import AnchorChain, Anchored, ChainError, DuplicateRoot
 from settlement.failpoints import failpoint
-from settlement.ledger.base import BatchMember, BatchRow, Ledger
+from settlement.ledger.base import BatchMember, BatchRow, Leaf, Ledger
 from settlement.metrics import SettlementMetrics
 
 __all__ = ["Batcher", "BatcherConfig"]
@@ -83,11 +83,18 @@ class Batcher:
                     await self._stopping.wait()
 
     async def step(self) -> None:
-        """One round: finish open batches, then build and anchor at most one new one."""
+        """One round: finish open batches, anchor each ``individual`` record on its own (a
+        tree of one leaf: its root is the leaf), then build and anchor at most one batch of
+        ``batch`` records. ``private`` records are booked and never anchored."""
         for batch in await asyncio.to_thread(self._ledger.open_batches):
             await self._anchor(batch)
+        for leaf in await asyncio.to_thread(self._ledger.unbatched, 100, "individual"):
+            built = await self._build([leaf])
+            if built is not None:
+                await self._anchor(built)
         if await self._due():
-            built = await self._build()
+            records = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)
+            built = await self._build(records)
             if built is not None:
                 await self._anchor(built)
 
@@ -102,8 +109,7 @@ class Batcher:
             self._metrics.set_unbatched(pending)
         return pending >= self._config.max_records
 
-    async def _build(self) -> BatchRow | None:
-        records = await asyncio.to_thread(self._ledger.unbatched, self._config.max_records)
+    async def _build(self, records: Sequence[Leaf]) -> BatchRow | None:
         if not records:
             return None
         leaves = {(r.request_id, r.node_id): bytes.fromhex(r.leaf_hash[2:]) for r in records}

@@ -24,25 +24,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-import aiohttp
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import Hash32
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import SecretStr
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.contract import AsyncContract
-from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception
-from web3.types import TxParams, TxReceipt, Wei
+from web3.exceptions import ContractLogicError
+from web3.types import TxParams, TxReceipt
 
 from infra.contracts import load_artifact
+from infra.evm import (
+    ChainError,
+    EvmSettings,
+    TransactionTimeout,
+    account_from,
+    error_selectors,
+    revert_data,
+    send_transaction,
+    translated,
+)
 
 __all__ = [
     "AnchorChain",
@@ -57,31 +63,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _UINT64_MAX = 2**64 - 1
-_CONFIRMATION_POLL_S = 0.2
 
 
-class ChainSettings(BaseModel):
+class ChainSettings(EvmSettings):
     """Where the Settlement contract lives and how to pay for anchoring."""
 
-    rpc_url: str = "http://127.0.0.1:8545"
     contract_address: str | None = None
     relayer_key: SecretStr | None = None
-    chain_id: int = 31337
-    receipt_timeout_s: float = Field(default=60.0, gt=0)
-    confirmations: int = Field(default=0, ge=0)
-    gas_limit_multiplier: float = Field(default=1.2, ge=1.0)
-
-
-class ChainError(Exception):
-    """The chain could not be reached, or it refused or reverted a call.
-
-    ``reason`` is the contract's custom error name (``"NotRelayer"``, ``"EmptyBatch"``, ...)
-    when the failure was a decoded revert, else None.
-    """
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class DuplicateRoot(ChainError):
@@ -90,14 +78,6 @@ class DuplicateRoot(ChainError):
     def __init__(self, root: bytes) -> None:
         super().__init__(f"root 0x{root.hex()} is already settled", reason="DuplicateRoot")
         self.root = root
-
-
-class TransactionTimeout(ChainError):
-    """The transaction was sent but not mined (or not confirmed) within the receipt timeout."""
-
-    def __init__(self, message: str, *, tx_hash: str) -> None:
-        super().__init__(message)
-        self.tx_hash = tx_hash
 
 
 class AnchorChain(Protocol):
@@ -125,39 +105,6 @@ class Anchored:
     batch_index: int
 
 
-def _error_selectors(abi: list[dict[str, Any]]) -> dict[bytes, tuple[str, list[str]]]:
-    selectors = {}
-    for item in abi:
-        if item.get("type") == "error":
-            types = [i["type"] for i in item.get("inputs", [])]
-            signature = f"{item['name']}({','.join(types)})"
-            selectors[keccak(text=signature)[:4]] = (item["name"], types)
-    return selectors
-
-
-def _revert_data(error: ContractLogicError) -> bytes | None:
-    data = error.data
-    if isinstance(data, dict):
-        data = data.get("data")
-    if isinstance(data, str) and data.startswith("0x"):
-        try:
-            return bytes.fromhex(data[2:])
-        except ValueError:
-            return None
-    return None
-
-
-@asynccontextmanager
-async def _translated(action: str) -> AsyncIterator[None]:
-    """Turn web3 / transport exceptions into :class:`ChainError` (never quoting a key)."""
-    try:
-        yield
-    except ChainError:
-        raise
-    except (Web3Exception, aiohttp.ClientError, OSError, TimeoutError) as e:
-        raise ChainError(f"{action} failed: {type(e).__name__}: {e}") from e
-
-
 class SettlementChain:
     """A client of one deployed Settlement contract; build it with :meth:`connect`."""
 
@@ -173,7 +120,7 @@ class SettlementChain:
         self._settings = settings
         self._relayer = relayer
         self._nonce_lock = asyncio.Lock()
-        self._errors = _error_selectors(contract.abi)  # type: ignore[arg-type]
+        self._errors = error_selectors(contract.abi)  # type: ignore[arg-type]
         self._settled_topic = keccak(text="BatchSettled(bytes32,uint256,uint64,bytes32)")
 
     def __repr__(self) -> str:
@@ -202,10 +149,10 @@ class SettlementChain:
         """
         if settings.contract_address is None:
             raise ChainError("no contract_address configured (deploy the contract first)")
-        relayer = _account(settings.relayer_key)
+        relayer = account_from(settings.relayer_key)
         w3 = AsyncWeb3(AsyncHTTPProvider(settings.rpc_url))
         try:
-            async with _translated(f"connecting to {settings.rpc_url}"):
+            async with translated(f"connecting to {settings.rpc_url}"):
                 address = to_checksum_address(settings.contract_address)
                 chain_id = await w3.eth.chain_id
                 if chain_id != settings.chain_id:
@@ -226,16 +173,16 @@ class SettlementChain:
 
         Returns the new contract's checksummed address.
         """
-        deployer = _account(settings.relayer_key)
+        deployer = account_from(settings.relayer_key)
         if deployer is None:
             raise ChainError("deploying needs relayer_key")
         artifact = load_artifact()
         w3 = AsyncWeb3(AsyncHTTPProvider(settings.rpc_url))
         try:
-            async with _translated("deploying Settlement"):
+            async with translated("deploying Settlement"):
                 args = w3.codec.encode(["address"], [to_checksum_address(relayer_address)])
                 data = artifact["bytecode"] + args.hex()
-                receipt = await _send(w3, deployer, settings, {"data": data})
+                receipt = await send_transaction(w3, deployer, settings, {"data": data})
                 address = receipt["contractAddress"]
                 if address is None:
                     raise ChainError("deployment receipt carries no contract address")
@@ -258,9 +205,9 @@ class SettlementChain:
             raise ChainError("this client is read-only: no relayer_key configured")
         data = self._contract.encode_abi("settleBatch", args=[root, count, batch_ref])
         tx: TxParams = {"to": self._contract.address, "data": data}
-        async with self._nonce_lock, _translated("settleBatch"):
+        async with self._nonce_lock, translated("settleBatch"):
             await self._simulate(tx, root)
-            receipt = await _send(self._w3, self._relayer, self._settings, tx)
+            receipt = await send_transaction(self._w3, self._relayer, self._settings, tx)
         anchored = self._anchored_from(receipt, root)
         log.info(
             "anchored root %s as batch %d in block %d (gas %d, tx %s)",
@@ -275,7 +222,7 @@ class SettlementChain:
     async def find_anchor(self, root: bytes) -> Anchored | None:
         """The anchoring of ``root`` if the contract holds it, else None (crash recovery)."""
         _check_bytes32("root", root)
-        async with _translated("finding the anchor"):
+        async with translated("finding the anchor"):
             count, _settled_at, block_number = await self._contract.functions.batches(root).call()
             if count == 0:
                 return None
@@ -295,22 +242,27 @@ class SettlementChain:
     async def is_settled(self, root: bytes) -> bool:
         """Whether the contract holds ``root``."""
         _check_bytes32("root", root)
-        async with _translated("isSettled"):
+        async with translated("isSettled"):
             return bool(await self._contract.functions.isSettled(root).call())
 
     async def batch_count(self) -> int:
         """How many roots the contract holds (``batchCount``): ledger and chain must agree."""
-        async with _translated("batchCount"):
+        async with translated("batchCount"):
             return int(await self._contract.functions.batchCount().call())
 
-    async def verify_inclusion(self, root: bytes, leaf: bytes, proof: list[bytes]) -> bool:
-        """True when ``root`` is anchored and ``proof`` proves ``leaf`` in its tree (a view)."""
+    async def verify_record(
+        self, root: bytes, leaf_values: Sequence[bytes], proof: list[bytes]
+    ) -> bool:
+        """True when ``root`` is anchored and ``proof`` proves the result whose leaf the
+        contract computes from ``leaf_values`` (``schemas.merkle.LEAF_TYPES`` order) is in
+        its tree: the contract never takes a leaf hash as given (a view)."""
         _check_bytes32("root", root)
-        _check_bytes32("leaf", leaf)
-        for node in proof:
-            _check_bytes32("proof node", node)
-        async with _translated("verifyInclusion"):
-            call = self._contract.functions.verifyInclusion(root, leaf, proof)
+        if len(leaf_values) != 5:
+            raise ValueError("a leaf has five 32-byte values")
+        for value in (*leaf_values, *proof):
+            _check_bytes32("leaf value or proof node", value)
+        async with translated("verifyRecord"):
+            call = self._contract.functions.verifyRecord(root, *leaf_values, proof)
             return bool(await call.call())
 
     async def close(self) -> None:
@@ -330,7 +282,7 @@ class SettlementChain:
             ) from e
 
     def _decode_revert(self, error: ContractLogicError) -> str | None:
-        data = _revert_data(error)
+        data = revert_data(error)
         if data is None or len(data) < 4:
             return None
         known = self._errors.get(data[:4])
@@ -355,66 +307,6 @@ class SettlementChain:
         raise ChainError("the settleBatch receipt carries no BatchSettled event for the root")
 
 
-def _account(key: SecretStr | None) -> LocalAccount | None:
-    if key is None:
-        return None
-    try:
-        account: LocalAccount = Account.from_key(key.get_secret_value())
-    except (ValueError, TypeError):
-        # ``from None``: the original message may quote the malformed key.
-        raise ChainError("relayer_key is not a valid private key") from None
-    return account
-
-
 def _check_bytes32(name: str, value: bytes) -> None:
     if not isinstance(value, bytes | bytearray) or len(value) != 32:
         raise ValueError(f"{name} must be 32 bytes")
-
-
-async def _send(
-    w3: AsyncWeb3[AsyncHTTPProvider],
-    account: LocalAccount,
-    settings: ChainSettings,
-    tx: TxParams,
-) -> TxReceipt:
-    """Estimate, sign and send ``tx`` from ``account``; wait for its receipt (status 1).
-
-    Callers serialise calls per account: the nonce is the account's pending count.
-    """
-    tx = {**tx, "from": account.address, "chainId": settings.chain_id, "value": Wei(0)}
-    estimate = await w3.eth.estimate_gas(tx, "pending")
-    tip = await w3.eth.max_priority_fee
-    latest = await w3.eth.get_block("latest")
-    base_fee = latest.get("baseFeePerGas", 0)
-    tx["gas"] = int(estimate * settings.gas_limit_multiplier)
-    tx["maxPriorityFeePerGas"] = tip
-    tx["maxFeePerGas"] = Wei(2 * base_fee + tip)
-    tx["nonce"] = await w3.eth.get_transaction_count(account.address, "pending")
-    signed = account.sign_transaction(tx)  # type: ignore[arg-type]
-    tx_hash = "0x" + bytes(signed.hash).hex()
-    await w3.eth.send_raw_transaction(signed.raw_transaction)
-    try:
-        receipt = await w3.eth.wait_for_transaction_receipt(
-            signed.hash, timeout=settings.receipt_timeout_s
-        )
-        await _await_confirmations(w3, receipt["blockNumber"], settings)
-    except (TimeExhausted, TimeoutError) as e:
-        raise TransactionTimeout(
-            f"transaction {tx_hash} not mined/confirmed within {settings.receipt_timeout_s} s",
-            tx_hash=tx_hash,
-        ) from e
-    if receipt["status"] != 1:
-        raise ChainError(f"transaction {tx_hash} reverted on chain (status 0)")
-    return receipt
-
-
-async def _await_confirmations(
-    w3: AsyncWeb3[AsyncHTTPProvider], block_number: int, settings: ChainSettings
-) -> None:
-    if settings.confirmations == 0:
-        return
-    deadline = time.monotonic() + settings.receipt_timeout_s
-    while await w3.eth.block_number < block_number + settings.confirmations:
-        if time.monotonic() >= deadline:
-            raise TimeoutError
-        await asyncio.sleep(_CONFIRMATION_POLL_S)

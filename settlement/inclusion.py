@@ -78,13 +78,13 @@ async def check_inclusion(
         chain_id=proof.chain.chain_id,
     )
     root = bytes.fromhex(proof.root[2:])
-    leaf = leaf_hash(proof.leaf.types, [bytes.fromhex(v[2:]) for v in proof.leaf.values])
+    values = [bytes.fromhex(v[2:]) for v in proof.leaf.values]
     path = [bytes.fromhex(p[2:]) for p in proof.proof]
     try:
         chain = await SettlementChain.connect(settings)
         try:
             settled = await chain.is_settled(root)
-            included = await chain.verify_inclusion(root, leaf, path)
+            included = await chain.verify_record(root, values, path)
         finally:
             await chain.close()
     except ChainError as e:
@@ -92,7 +92,7 @@ async def check_inclusion(
         return [_row(c) for c in checks]
     checks.append(Check("root_settled", settled, "Settlement.isSettled(root)"))
     checks.append(
-        Check("on_chain_inclusion", included, "Settlement.verifyInclusion(root, leaf, proof)")
+        Check("on_chain_inclusion", included, "Settlement.verifyRecord(root, leaf fields, proof)")
     )
     return [_row(c) for c in checks]
 

@@ -1,24 +1,29 @@
-"""Which nodes settlement accepts records from: a live registry view plus policy.
+"""Which nodes settlement accepts records from: a live registry view, admission facts, policy.
 
-Settlement reads the registry topic itself (``infra.kafka.reader.TopicReader``) and rejects
-records from unknown, stale, revoked or (when required) unattested nodes; the rules are in
-``schemas.verify.registry``. A record from a node the view does not know yet may simply have
-overtaken its registration (they travel on different topics), so before rejecting
-``unknown_node`` the service waits up to ``unknown_node_wait_s`` for the view to move.
+Settlement reads the registry topic itself (``infra.kafka.reader.TopicReader``, stamping each
+registration with its own receipt time) and keeps the admission authority's facts current
+(``infra.admission``); the rules are in ``schemas.verify.registry``. A record from a node the
+view does not know yet may simply have overtaken its registration (they travel on different
+topics), so before rejecting ``unknown_node`` the service waits up to ``unknown_node_wait_s``
+for the view to move.
+
+Supervision: if the registry reader or the admission refresher dies, ``healthy`` turns false;
+the service then fails readiness and commits nothing it judged on a view that stopped moving.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.admission import AdmissionKeeper, AdmissionSettings, admission_source
 from infra.kafka.ports import Kafka
 from infra.kafka.reader import TopicReader
+from infra.lifecycle import Supervisor
 from schemas.base import VerificationMode
-from schemas.registry import NodeRegistration
-from schemas.verify.attestation import AttestationPolicySettings, registration_check
+from schemas.verify.admission import Admissions
+from schemas.verify.attestation import AttestationPolicySettings, registration_verdict
 from schemas.verify.registry import RegistryPolicy, RegistryView
 
 __all__ = ["NodeRegistry", "RegistrySettings"]
@@ -27,11 +32,6 @@ __all__ = ["NodeRegistry", "RegistrySettings"]
 class RegistrySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    required: bool = Field(
-        default=True,
-        description="reject records from nodes without a valid registration on the registry "
-        "topic; turn off only for a closed test network",
-    )
     stale_after_intervals: float = Field(
         default=3.0,
         gt=0,
@@ -39,9 +39,6 @@ class RegistrySettings(BaseModel):
     )
     require_attestation: bool = Field(
         default=False, description="accept records only from nodes whose attestation verifies"
-    )
-    authorities: list[str] = Field(
-        default_factory=list, description="ed25519 keys (hex) whose revocations are honoured"
     )
     revoked_nodes: list[str] = Field(
         default_factory=list, description="node ids whose records are always rejected"
@@ -58,47 +55,64 @@ class RegistrySettings(BaseModel):
         description="which TEE evidence counts as attested (measurement allow-list, dev, age)",
     )
 
-    def policy(
-        self, attestation_check: Callable[[NodeRegistration], bool] | None = None
-    ) -> RegistryPolicy:
-        return RegistryPolicy(
-            stale_after_intervals=self.stale_after_intervals,
-            require_attestation=self.require_attestation,
-            attestation_check=attestation_check,
-            authorities=frozenset(self.authorities),
-            revoked_nodes=frozenset(self.revoked_nodes),
-        )
-
 
 class NodeRegistry:
-    """Lifecycle wrapper (``start``/``stop``) around the registry reader, with the
-    unknown-node wait."""
+    """The node gate (``schemas.verify.record.NodeGate``) with its reader, its admission
+    refresher and the unknown-node wait. Lifecycle: ``start`` → ``stop``."""
 
     def __init__(
         self,
         kafka: Kafka,
         topic: str,
         settings: RegistrySettings,
-        attestation_check: Callable[[NodeRegistration], bool] | None = None,
+        admission: AdmissionSettings,
     ) -> None:
         self.settings = settings
-        check = attestation_check or registration_check(settings.attestation.policy())
-        self.view = RegistryView(settings.policy(check))
+        self.view = RegistryView(
+            RegistryPolicy(
+                stale_after_intervals=settings.stale_after_intervals,
+                require_attestation=settings.require_attestation,
+                attestation_check=registration_verdict(
+                    settings.attestation.policy(),
+                    approved=lambda kind, m: self.view.admissions.measurement_approved(kind, m),
+                ),
+                revoked_nodes=frozenset(settings.revoked_nodes),
+            )
+        )
         self.reader = TopicReader(kafka.consumer(None), topic, self.view.apply)
+        self.admission = AdmissionKeeper(
+            admission_source(admission), admission.refresh_interval_s, self._admissions
+        )
 
-    async def start(self) -> None:
+    def _admissions(self, facts: Admissions) -> None:
+        self.view.admissions = facts
+
+    async def start(self, supervisor: Supervisor) -> None:
+        await self.admission.refresh()
+        supervisor.spawn("admission", self.admission.run())
         await self.reader.start(self.settings.catch_up_timeout_s)
 
     async def stop(self) -> None:
         await self.reader.stop()
+        await self.admission.close()
 
     @property
     def healthy(self) -> bool:
-        """False once the registry reader died: the view no longer follows the topic."""
-        return self.reader.healthy
+        """False once the registry reader died or admission facts stopped refreshing."""
+        return self.reader.healthy and self.admission.healthy
 
-    def check_record(self, node_id: str, signed_unix_ms: int, mode: VerificationMode) -> str | None:
-        return self.view.check_record(node_id, signed_unix_ms, mode)
+    def check(
+        self,
+        node_id: str,
+        model_id: str,
+        model_digest: str,
+        mode: VerificationMode,
+        received_unix_ms: int,
+    ) -> str | None:
+        return self.view.check(node_id, model_id, model_digest, mode, received_unix_ms)
+
+    def chain_address(self, node_id: str) -> str | None:
+        return self.view.chain_address(node_id)
 
     async def await_nodes(self, node_ids: set[str]) -> None:
         """Give registrations of ``node_ids`` the view does not know yet a bounded time to

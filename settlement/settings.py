@@ -7,8 +7,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.admission import AdmissionSettings
 from infra.kafka import KafkaSettings
 from schemas.topics import DEFAULT_NAMESPACE, Topics
+from schemas.verify.record import RecordRules
 from settlement.chain import ChainSettings
 from settlement.nodes import RegistrySettings
 
@@ -57,6 +59,21 @@ class SettlementSettings(BaseSettings):
     max_clock_skew_s: float = Field(
         default=300.0, gt=0, description="records signed further in the future are rejected"
     )
+    max_record_age_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="records signed, or whose request was created, longer before receipt are "
+        "rejected (too_old): no back-dating into an old window, no replays years later",
+    )
+    require_payer: bool = Field(
+        default=False,
+        description="reject records of requests that name no payer (no_payer); "
+        "else they are booked unbilled",
+    )
+    admission: AdmissionSettings = Field(
+        default_factory=AdmissionSettings,
+        description="who admits nodes: records of nodes it does not count are rejected",
+    )
     registry: RegistrySettings = Field(
         default_factory=RegistrySettings,
         description="which nodes' records are accepted: registration, freshness, revocation, TEE",
@@ -72,6 +89,13 @@ class SettlementSettings(BaseSettings):
         if self.anchor and (self.chain.contract_address is None or self.chain.relayer_key is None):
             raise ValueError("anchor=true needs chain.contract_address and chain.relayer_key")
         return self
+
+    def record_rules(self) -> RecordRules:
+        return RecordRules(
+            max_clock_skew_s=self.max_clock_skew_s,
+            max_record_age_s=self.max_record_age_s,
+            require_payer=self.require_payer,
+        )
 
     @property
     def topics(self) -> Topics:

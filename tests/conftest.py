@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.broker import BrokerProcess, running_broker
-from worker.models.demo import build_demo_hub
+from infra.dev.broker import BrokerProcess, running_broker
+from infra.dev.demo_models import build_demo_hub
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nacl.public import PublicKey
 
+from infra.admission import AdmissionKeeper, admission_source
 from infra.health import HealthServer, kafka_reachable
 from infra.kafka.client import ClusterKafka
 from infra.kafka.ports import Consumer, Kafka, Producer
@@ -26,12 +27,16 @@ from infra.tracing import Tracer, Tracing, configure_tracing
 from schemas.attestation import Attestation
 from schemas.base import VerificationMode
 from schemas.registry import RegisteredModel
+from schemas.signing import ChainSigner
 from schemas.topics import Topics
+from schemas.verify.admission import admission_problem
+from schemas.verify.attestation import AttestationPolicy, verify_node_attestation
 from worker.engines.base import Engine
 from worker.handler import RecordHandler
 from worker.identity import (
     AttestationFatal,
     chain_address,
+    chain_key,
     dlq_public_key,
     node_attestation,
     node_sealer,
@@ -45,6 +50,7 @@ from worker.observe import RecordObserver
 from worker.pipeline import ModeHandler, Pipeline
 from worker.publish import Publisher
 from worker.registration import Registrar, software_version
+from worker.replies import ReplyTopics, TopicDirectory
 from worker.settings import WorkerSettings
 from worker.trust.tee import TeeMode
 from worker.zkml.handler import ZkmlModeHandler
@@ -117,13 +123,23 @@ def compose_intake(
     *,
     dlq_key: PublicKey,
     dedupe_window: int = 10_000,
+    reply_topic_prefixes: list[str] | None = None,
     metrics: WorkerMetrics | None = None,
     tracer: Tracer | None = None,
 ) -> Intake:
     """The intake and what it drives (publisher, record handler, observer), wired as the
     worker wires them; the caller subscribes ``consumer`` with ``intake.rebalance_listener()``."""
     publisher = Publisher(producer, topics, dlq_key, metrics=metrics)
-    handler = RecordHandler(pipeline, topics, publisher.publish_chunk, dedupe_window=dedupe_window)
+    reply_topics = ReplyTopics(
+        topics, reply_topic_prefixes, TopicDirectory(consumer.partitions_for)
+    )
+    handler = RecordHandler(
+        pipeline,
+        topics,
+        publisher.publish_chunk,
+        dedupe_window=dedupe_window,
+        reply_topics=reply_topics,
+    )
     observer = RecordObserver(topics, metrics, tracer if tracer is not None else Tracer())
     return Intake(consumer, publisher, handler, observer, config, metrics=metrics)
 
@@ -147,6 +163,9 @@ class Worker:
         self._consumer: Consumer | None = None
         self._stop_requested = False
         self._draining: asyncio.Task[None] | None = None
+        self.admission: AdmissionKeeper | None = None
+        self._chain_address = ""
+        self._own_measurement: tuple[str, str] | None = None
 
     async def setup(self) -> None:
         s = self.settings
@@ -163,6 +182,7 @@ class Worker:
                         self.registrar is not None and self.registrar.published_recently()
                     ),
                     "consuming": lambda: self.intake is not None and not self._stop_requested,
+                    "admitted": lambda: self.admitted,
                     "background_tasks": lambda: (
                         self.supervisor.healthy and (self.intake is None or self.intake.healthy)
                     ),
@@ -179,7 +199,8 @@ class Worker:
         await self._producer.start()
         address = await asyncio.to_thread(chain_address, s)
         attestation = await self._attest(address)
-        self.tee = TeeMode(attestation)
+        self._own_measurement = self._measurement(attestation, address)
+        self.tee = TeeMode(attestation, allow_dev=s.attestation.allow_dev_tee)
         modes: dict[VerificationMode, ModeHandler] = {VerificationMode.TEE: self.tee}
         if s.zk.enabled:
             self.zkml = await self._zkml()
@@ -187,12 +208,15 @@ class Worker:
         pipeline = Pipeline(
             self.engines,
             self.signer,
+            ChainSigner(chain_key(s)),
             retries=s.engine_retries,
             retry_backoff_s=s.engine_retry_backoff_ms / 1000,
             modes=modes,
             sealer=self.sealer,
             private_models=private,
             max_execution_s=s.max_execution_s,
+            max_request_age_s=s.max_request_age_s,
+            admitted=lambda: self.admitted,
         )
         self.registrar = Registrar(
             self._producer,
@@ -207,6 +231,8 @@ class Worker:
         # Registered before subscribing: the node serves nothing the network cannot know.
         await self.registrar.publish()
         self.supervisor.spawn("heartbeats", self.registrar.run(), may_return=True)
+        # And admitted before subscribing: an authority must count this node first.
+        await self._await_admission(address)
         if attestation is not None:
             self.supervisor.spawn("re-attestation", self._reattest(address))
         self._consumer = self.kafka.consumer(s.group_id)
@@ -224,6 +250,7 @@ class Worker:
             ),
             dlq_key=dlq_public_key(s),
             dedupe_window=s.dedupe_window,
+            reply_topic_prefixes=s.reply_topic_prefixes,
             metrics=self.metrics,
             tracer=self.tracing.tracer,
         )
@@ -234,6 +261,58 @@ class Worker:
         if self._stop_requested:
             self.intake.stop()
         log.info("worker ready", extra={"node_id": self.signer.node_id, "models": s.models})
+
+    async def _await_admission(self, address: str) -> None:
+        """Wait until the admission authority counts this node (polling its facts), then keep
+        them fresh: after a revocation the node answers ``not_admitted``."""
+        s = self.settings
+        try:
+            source = admission_source(s.admission)
+        except ValueError as e:
+            raise WorkerFatal(f"admission: {e}") from e
+        self.admission = AdmissionKeeper(source, s.admission.refresh_interval_s)
+        self._chain_address = address
+        waited = False
+        while not self._stop_requested:
+            await self.admission.refresh()
+            if self.admitted:
+                break
+            if not waited:
+                log.warning(
+                    "waiting for admission",
+                    extra={"node_id": self.signer.node_id, "chain_address": address},
+                )
+                waited = True
+            await asyncio.sleep(min(1.0, s.admission.refresh_interval_s))
+        self.supervisor.spawn("admission", self.admission.run())
+
+    @property
+    def admitted(self) -> bool:
+        """Whether the admission authority counts this node now (by explicit admission of
+        its node id and chain address; or, for a node with TEE evidence, by an approved
+        measurement of that evidence)."""
+        if self.admission is None:
+            return False
+        attested = None
+        if self.registrar is not None and self.registrar.registration.attestation is not None:
+            attested = self._own_measurement
+        problem = admission_problem(
+            self.admission.current, self.signer.node_id, self._chain_address, attested
+        )
+        return problem is None
+
+    def _measurement(self, attestation: Attestation | None, address: str) -> tuple[str, str] | None:
+        """(kind, measurement) of this node's own evidence, for admission by measurement."""
+        if attestation is None:
+            return None
+        verdict = verify_node_attestation(
+            node_id=self.signer.node_id,
+            x25519_public_key=self.sealer.public_key_hex,
+            chain_address=address,
+            attestation=attestation,
+            policy=AttestationPolicy(allow_dev=True, allow_debug=True),
+        )
+        return None if verdict.measurement is None else (verdict.kind, verdict.measurement)
 
     async def _attest(self, address: str) -> Attestation | None:
         try:
@@ -258,6 +337,7 @@ class Worker:
                 log.error("re-attestation failed", extra={"error_type": type(e).__name__})
                 continue
             self.tee.update(attestation)
+            self._own_measurement = self._measurement(attestation, address)
             self.registrar.update_attestation(attestation)
             await self.registrar.publish()
             log.info("re-attested")
@@ -320,6 +400,8 @@ class Worker:
         if self._draining is not None:
             await self._draining
         await self.supervisor.stop()
+        if self.admission is not None:
+            await self.admission.close()
         if self.zkml is not None:
             await self.zkml.close(drain_timeout_s=self.settings.drain_timeout_s)
         if self._producer is not None:

@@ -15,6 +15,7 @@ could stop the intake (and, on restart, stop it again on the same record).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -22,13 +23,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nacl.public import PublicKey
+
 from infra.kafka.ports import Headers, Record, UnreadableRecord
 from infra.logs import bind_log_context
 from schemas.codec import Decoded, decode
 from schemas.requests import InferenceRequest
-from schemas.results import ErrorCode, ErrorReply, StreamChunk
+from schemas.results import ErrorCode, ErrorReply, SealedReply, StreamChunk
+from schemas.sealed import SealedInput
 from schemas.topics import HEADER_ATTEMPTS, Topics
 from worker.pipeline import ChunkSink, Outcome, Pipeline
+from worker.replies import ReplyTopics
 
 __all__ = [
     "Action",
@@ -42,7 +47,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MAX_ATTEMPTS_HEADER = 1_000_000
+_MAX_ATTEMPTS_HEADER = 999_999
+"""One below ``DlqEntry.attempts``' bound (1,000,000): a dead letter counts one more attempt, and
+an entry over the bound would fail to build, stopping the worker on every redelivery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +78,7 @@ class Duplicate:
 
 
 Action = Reply | DeadLetter | Duplicate
-ChunkPublisher = Callable[[StreamChunk, str | None, Headers], Awaitable[None]]
+ChunkPublisher = Callable[[StreamChunk | SealedReply, str | None, Headers], Awaitable[None]]
 """Publishes one stream chunk to a reply topic (``Publisher.publish_chunk``)."""
 
 
@@ -95,13 +102,17 @@ class RecordHandler:
         publish_chunk: ChunkPublisher,
         *,
         dedupe_window: int,
+        reply_topics: ReplyTopics | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._publish_chunk = publish_chunk
         self._topics = topics
         self._dedupe_window = dedupe_window
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._active: set[str] = set()
+        self._reply_topics = reply_topics or ReplyTopics(topics)
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._active: dict[str, bytes] = {}
+        """Request id -> sha256 of the message that carries it (answered, or being answered):
+        the same bytes again are a redelivery; other bytes under the same id, a duplicate."""
 
     async def handle(self, record: Record, headers: Headers) -> Action:
         """The action for one record (see the module docstring). ``headers`` travel with
@@ -117,31 +128,43 @@ class RecordHandler:
                     return DeadLetter(decoded.reason)
                 request_id = decoded.request_id
                 bind_log_context(request_id=request_id)
+                reply_to = decoded.reply_to
+                if await self._reply_topics.refusal(reply_to) is not None:
+                    reply_to = None
                 reply = self._pipeline.error(
                     request_id, topic_model, ErrorCode.BAD_REQUEST, decoded.reason
                 )
-                return Reply(Outcome(reply), self.allowed_reply_topic(decoded.reply_to))
+                return Reply(Outcome(reply, error_code=ErrorCode.BAD_REQUEST), reply_to)
             request = decoded.message
             request_id = request.request_id
             bind_log_context(request_id=request_id)
-            if request_id in self._recent or request_id in self._active:
+            fingerprint = hashlib.sha256(record.value or b"").digest()
+            seen = self._recent.get(request_id) or self._active.get(request_id)
+            if seen == fingerprint:
                 # Answered already, or being answered now. If that answer fails to publish,
                 # the offset is not committed past it, so this copy is redelivered: safe.
                 log.info("duplicate request dropped", extra={"request_id": request_id})
                 return Duplicate(request_id, request.mode.value)
+            if seen is not None:
+                return await self._refuse(
+                    request,
+                    record,
+                    ErrorCode.DUPLICATE_REQUEST,
+                    "another request with this id was answered by this node",
+                )
             # Held until the answer is acknowledged (``answered``) or abandoned (``release``).
-            self._active.add(request_id)
+            self._active[request_id] = fingerprint
             try:
                 return await self._answer(request, decoded.document["payload"], record, headers)
             except BaseException:
-                self._active.discard(request_id)
+                self._active.pop(request_id, None)
                 raise
         except Exception as e:
             # Our own bug: answer it (typed, no exception text: it may echo request data).
             log.error("record handling failed", extra={"error_type": type(e).__name__})
             if request_id is None:
                 return DeadLetter(f"internal error while handling ({type(e).__name__})")
-            self._active.discard(request_id)
+            self._active.pop(request_id, None)
             reply = self._pipeline.error(
                 request_id,
                 self._topics.model_of(record.topic) or "",
@@ -149,25 +172,44 @@ class RecordHandler:
                 "internal error",
                 retryable=True,
             )
-            return Reply(Outcome(reply), None)
+            return Reply(Outcome(reply, error_code=ErrorCode.INTERNAL), None)
+
+    async def _refuse(
+        self, request: InferenceRequest, record: Record, code: ErrorCode, message: str
+    ) -> Reply:
+        """A typed error for a request that is not run (sealed to the request's reply key when
+        it is sealed), on its reply topic if allowed, else on the shared one."""
+        reply_to = request.reply_to
+        if await self._reply_topics.refusal(reply_to) is not None:
+            reply_to = None
+        reply_key = (
+            PublicKey(bytes.fromhex(request.payload.reply_public_key))
+            if isinstance(request.payload, SealedInput)
+            else None
+        )
+        reply = self._pipeline.error(
+            request.request_id, request.model, code, message, reply_key=reply_key
+        )
+        outcome = Outcome(reply, reply_key=reply_key, error_code=code)
+        return Reply(outcome, reply_to, None, request.mode.value)
 
     async def _answer(
         self, request: InferenceRequest, payload: Any, record: Record, headers: Headers
     ) -> Reply:
-        reply_to = self.allowed_reply_topic(request.reply_to)
+        refusal = await self._reply_topics.refusal(request.reply_to)
         topic_model = self._topics.model_of(record.topic)
-        error: tuple[ErrorCode, str] | None = None
-        if reply_to != request.reply_to:
-            error = (ErrorCode.BAD_REQUEST, "reply_to names an internal topic")
-        elif topic_model is not None and topic_model != request.model:
-            error = (ErrorCode.UNKNOWN_MODEL, "request for another model on this model's topic")
-        if error is not None:
-            reply: ErrorReply = self._pipeline.error(request.request_id, request.model, *error)
-            return Reply(Outcome(reply), reply_to, request.request_id, request.mode.value)
+        if refusal is not None:
+            self._active.pop(request.request_id, None)
+            return await self._refuse(request, record, ErrorCode.REPLY_TOPIC_REFUSED, refusal)
+        if topic_model is not None and topic_model != request.model:
+            self._active.pop(request.request_id, None)
+            message = "request for another model on this model's topic"
+            return await self._refuse(request, record, ErrorCode.UNKNOWN_MODEL, message)
+        reply_to = request.reply_to
         chunks: ChunkSink | None = None
         if request.stream:
 
-            async def chunks(chunk: StreamChunk) -> None:
+            async def chunks(chunk: StreamChunk | SealedReply) -> None:
                 await self._publish_chunk(chunk, reply_to, headers)
 
         started = time.perf_counter()
@@ -180,27 +222,30 @@ class RecordHandler:
         """Set once an engine reported a fatal failure (the worker must stop)."""
         return self._pipeline.fatal
 
-    def error_for(self, request_id: str, model: str, code: ErrorCode, message: str) -> ErrorReply:
-        """A typed error reply for ``request_id`` (used when an answer cannot be delivered)."""
-        return self._pipeline.error(request_id, model, code, message)
-
-    def allowed_reply_topic(self, reply_to: str | None) -> str | None:
-        """The requested reply topic, or None (the shared one) when it names an internal
-        topic: a client must not make a worker write into settlement or the registry."""
-        if reply_to is not None and self._topics.is_internal(reply_to):
-            return None
-        return reply_to
+    def error_for(
+        self, outcome: Outcome, model: str, code: ErrorCode, message: str
+    ) -> ErrorReply | SealedReply:
+        """A typed error replacing ``outcome``'s reply (used when an answer cannot be
+        delivered): signed, naming its input hash, sealed like the answer it replaces."""
+        return self._pipeline.error(
+            outcome.reply.request_id,
+            model,
+            code,
+            message,
+            input_hash=outcome.input_hash,
+            reply_key=outcome.reply_key,
+        )
 
     def answered(self, request_id: str) -> None:
         """The answer to ``request_id`` is acknowledged: later copies are duplicates."""
-        self._active.discard(request_id)
-        if self._dedupe_window == 0:
+        fingerprint = self._active.pop(request_id, None)
+        if self._dedupe_window == 0 or fingerprint is None:
             return
-        self._recent[request_id] = None
+        self._recent[request_id] = fingerprint
         if len(self._recent) > self._dedupe_window:
             self._recent.popitem(last=False)
 
     def release(self, request_id: str) -> None:
         """Answering ``request_id`` was abandoned (revocation, shutdown): a redelivery of it
         must be answered, not dropped as a duplicate."""
-        self._active.discard(request_id)
+        self._active.pop(request_id, None)

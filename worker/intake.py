@@ -22,6 +22,11 @@ dead-lettered and committed, and a restart never stops again on it.
 Lifecycle: ``run()`` until ``stop()``; then fetching stops, in-flight work drains within
 ``drain_timeout_s``, finished offsets are committed, and the consumer leaves the group. The
 commit loop and the metrics sampler are supervised: if one dies, the intake stops (non-zero).
+
+Shutdown is bounded whatever the cluster does: ``stop()`` abandons a fetch in progress, every
+commit is bounded by ``commit_timeout_s`` and the final ones together by the same, so ``run()``
+returns within ``drain_timeout_s + max(1, drain_timeout_s / 4) + commit_timeout_s`` (plus 5 s
+if a helper task ignores cancellation). Cancelling ``run()`` goes through the same steps.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from infra.kafka.ports import (
     CommitFailed,
@@ -44,7 +50,7 @@ from infra.kafka.ports import (
     UnknownTopic,
 )
 from infra.lifecycle import Supervisor
-from schemas.results import ErrorCode, ErrorReply
+from schemas.results import ErrorCode
 from worker.handler import Action, DeadLetter, Duplicate, RecordHandler, Reply, attempts
 from worker.metrics import WorkerMetrics
 from worker.observe import Job, RecordObserver
@@ -73,6 +79,9 @@ class IntakeConfig:
     publish_attempts: int = 5
     """Tries to publish one answer while the broker fails, before the worker gives up."""
     publish_backoff_s: float = 0.5
+    commit_timeout_s: float = 5.0
+    """How long one offset commit may take before it counts as failed (a hanging commit must
+    not hold the commit loop, a revocation or shutdown); the final commits get this in all."""
 
 
 class DeliveryFailed(Exception):
@@ -169,9 +178,16 @@ class Intake:
             await self._supervisor.stop()
             if self._supervisor.failures and self.fatal is None:
                 self.fatal = RuntimeError(f"task died: {sorted(self._supervisor.failures)}")
-            await self._commit(list(self._parts), attempts=_FINAL_COMMIT_ATTEMPTS)
+            await self._final_commit(list(self._parts))
 
     async def _fetch_loop(self) -> None:
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await self._fetch_until(stopped)
+        finally:
+            stopped.cancel()
+
+    async def _fetch_until(self, stopped: asyncio.Future[Any]) -> None:
         failures = 0
         while not self._stopping.is_set():
             self._progress.clear()
@@ -187,22 +203,36 @@ class Intake:
                 timeout_ms = 0
             room = self._config.max_in_flight - self._in_flight
             try:
-                batches = await self._consumer.getmany(
-                    timeout_ms=timeout_ms, max_records=max(room, 1)
-                )
+                batches = await self._fetch(stopped, timeout_ms, max(room, 1))
             except KafkaPortError as e:
                 failures += 1
                 log.warning("fetch failed", extra={"error_type": type(e).__name__})
                 if failures >= _FETCH_FAILURES_FATAL:
                     self.fatal = e
                     return
-                await asyncio.sleep(min(0.1 * failures, 2.0))
+                await asyncio.wait((stopped,), timeout=min(0.1 * failures, 2.0))
                 continue
             failures = 0
-            if self._stopping.is_set():
+            if batches is None or self._stopping.is_set():
                 break  # fetched after stop(): left uncommitted, the next owner answers them
             for tp, records in batches.items():
                 self._admit(tp, records)
+
+    async def _fetch(
+        self, stopped: asyncio.Future[Any], timeout_ms: int, max_records: int
+    ) -> Mapping[TopicPartition, Sequence[Record]] | None:
+        """``getmany``, abandoned (None) once ``stop()`` is called: a fetch that hangs (a
+        rebalance that never completes, a client bug) must not hold shutdown."""
+        fetch = asyncio.ensure_future(
+            self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        )
+        try:
+            await asyncio.wait((fetch, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                fetch.add_done_callback(_retrieve)
+        return fetch.result() if fetch.done() and not fetch.cancelled() else None
 
     # -- window ------------------------------------------------------------------------------
 
@@ -338,15 +368,17 @@ class Intake:
             )
 
     def _too_large(self, action: Action) -> Action:
-        if isinstance(action, Reply) and not isinstance(action.outcome.reply, ErrorReply):
-            reply = action.outcome.reply
+        if isinstance(action, Reply) and action.outcome.record is not None:
+            outcome = action.outcome
+            code = ErrorCode.OUTPUT_TOO_LARGE
             error = self._handler.error_for(
-                reply.request_id,
-                reply.envelope.model_id,
-                ErrorCode.OUTPUT_TOO_LARGE,
+                outcome,
+                action.outcome.record.envelope.model_id,
+                code,
                 "the output is larger than the largest message this node may publish",
             )
-            return Reply(Outcome(error), action.reply_to, action.request_id, action.mode)
+            replaced = Outcome(error, reply_key=outcome.reply_key, error_code=code)
+            return Reply(replaced, action.reply_to, action.request_id, action.mode)
         if isinstance(action, Reply):
             return DeadLetter("the error reply is larger than the largest message")
         raise DeliveryFailed("a dead letter is larger than the largest message")
@@ -360,7 +392,7 @@ class Intake:
             tps = list(self._parts)
             try:
                 lags = await self._consumer.lag(tps)
-            except KafkaPortError as e:  # sampling must never take the intake down
+            except Exception as e:  # sampling must never take the intake down
                 log.warning("consumer lag not sampled", extra={"error_type": type(e).__name__})
                 lags = {}
             for tp in tps:
@@ -395,8 +427,9 @@ class Intake:
             if not offsets:
                 return True
             try:
-                await self._consumer.commit(offsets)
-            except (CommitFailed, KafkaPortError) as e:
+                async with asyncio.timeout(self._config.commit_timeout_s):
+                    await self._consumer.commit(offsets)
+            except (CommitFailed, KafkaPortError, TimeoutError) as e:
                 log.warning(
                     "commit failed", extra={"error_type": type(e).__name__, "attempt": attempt + 1}
                 )
@@ -409,6 +442,16 @@ class Intake:
             return True
         return False
 
+    async def _final_commit(self, tps: list[TopicPartition]) -> None:
+        """The last commits before ``tps`` go away (shutdown, revocation), within
+        ``commit_timeout_s`` in all: what is left uncommitted is answered again by the next
+        owner, which is safe; waiting longer is not (shutdown would not be bounded)."""
+        try:
+            async with asyncio.timeout(self._config.commit_timeout_s):
+                await self._commit(tps, attempts=_FINAL_COMMIT_ATTEMPTS)
+        except TimeoutError:
+            log.warning("final commit not done in time", extra={"partitions": len(tps)})
+
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self._parts[tp] = _Partition()
@@ -419,9 +462,7 @@ class Intake:
             task for tp in revoked if tp in self._parts for task in self._parts[tp].tasks.values()
         ]
         await self._finish(tasks, self._config.revoke_timeout_s)
-        await self._commit(
-            [tp for tp in revoked if tp in self._parts], attempts=_FINAL_COMMIT_ATTEMPTS
-        )
+        await self._final_commit([tp for tp in revoked if tp in self._parts])
         for tp in revoked:
             self._parts.pop(tp, None)
             if self._metrics is not None:
@@ -441,3 +482,9 @@ class Intake:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=max(1.0, timeout_s / 4))
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome, so its exception is not reported as lost."""
+    if not task.cancelled():
+        task.exception()

@@ -42,8 +42,10 @@ def outcome_label(action: Action) -> str:
         return "duplicate"
     if isinstance(action, DeadLetter):
         return "dead_letter"
-    reply = action.outcome.reply
-    return reply.code.value if isinstance(reply, ErrorReply) else "result"
+    outcome = action.outcome
+    if outcome.error_code is not None:
+        return outcome.error_code.value
+    return outcome.reply.code.value if isinstance(outcome.reply, ErrorReply) else "result"
 
 
 def _since_s(timestamp_ms: int) -> float | None:

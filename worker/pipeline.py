@@ -1,8 +1,17 @@
-"""Execute → hash → sign. Knows nothing about Kafka: it maps a request to the reply and the
-settlement record to publish, and is tested without a broker.
+"""Check → open → execute → hash → sign. Knows nothing about Kafka: it maps a request to the
+reply and the settlement record to publish, and is tested without a broker.
 
-Expected rejections (unknown model, deadline passed, bad input) are returned as ``ErrorReply``
-values, not raised: every request ends in exactly one ``Outcome``.
+Expected rejections are returned as signed error replies, not raised: every request ends in
+exactly one ``Outcome``. Before anything runs, in order: the node serves the model, the mode
+(TEE only on hardware evidence, ZKML only where a circuit exists), the node is admitted, the
+request is not older than ``max_request_age_s`` (a replay years later) nor from the future,
+its deadline has not passed, a sealed payload opens and binds every clear field the node acts
+on (``schemas.sealed``), and a named payer signed this request's grant (``schemas.payer``).
+Then the engine runs within the deadline and ``max_execution_s``; its output is hashed, and the
+envelope signed with both node keys (``worker.answers``).
+
+The input hash is computed once, from the payload object as received (or as sealed): the
+producer can recompute it from what it sent, whatever defaults the node fills in.
 """
 
 from __future__ import annotations
@@ -17,29 +26,33 @@ from typing import Any, Protocol
 from nacl.public import PublicKey
 
 from schemas.base import VerificationMode
-from schemas.requests import ChatInput, InferenceRequest, MLInput, input_hash
+from schemas.requests import ChatInput, InferenceRequest, MLInput, input_hash, max_output_tokens
 from schemas.results import (
     ErrorCode,
     ErrorReply,
     InferenceResult,
     ResultEnvelope,
+    SealedReply,
     SealedResult,
-    StreamChunk,
-    output_hash,
 )
 from schemas.sealed import SealedInput
-from schemas.sealing import BadCiphertext, BadPlaintext, NodeSealer, NotARecipient
+from schemas.sealing import BadCiphertext, BadPlaintext, Mismatch, NodeSealer, NotARecipient
 from schemas.settlement import SettlementRecord
-from schemas.signing import Signer
+from schemas.signing import ChainSigner, Signer
+from schemas.verify.payer import request_grant, verify_payer
+from worker.answers import Answers
 from worker.engines.base import Delta, Engine, EngineResult, RunContext
 from worker.errors import PermanentError, RetryableError, WorkerError
 
 __all__ = ["ChunkSink", "ModeHandler", "Outcome", "Pipeline"]
 
-ChunkSink = Callable[[StreamChunk], Awaitable[None]]
-"""Where a streamed request's chunks go (the publisher, for the request's reply topic)."""
+ChunkSink = Callable[[Any], Awaitable[None]]
+"""Where a streamed request's chunks go (``StreamChunk`` or, sealed, ``SealedReply``)."""
 
 log = logging.getLogger(__name__)
+
+_CLOCK_SKEW_MS = 300_000
+"""How far in the future a request's ``created_unix_ms`` may be (producers' clocks drift)."""
 
 
 def _now_ms() -> int:
@@ -65,8 +78,27 @@ class ModeHandler(Protocol):
 class Outcome:
     """What to publish for one request: always a reply; a settlement record on success."""
 
-    reply: InferenceResult | SealedResult | ErrorReply
+    reply: InferenceResult | SealedResult | ErrorReply | SealedReply
     record: SettlementRecord | None = None
+    reply_key: PublicKey | None = None
+    """The key a sealed request's answers go to (for an error made later, e.g. too large)."""
+    input_hash: str | None = None
+    error_code: ErrorCode | None = None
+    """The error's code when the reply is one (a sealed error does not show it)."""
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+
+
+@dataclass(frozen=True)
+class _Opened:
+    payload: ChatInput | MLInput
+    input_hash: str
+    reply_key: PublicKey | None
 
 
 class Pipeline:
@@ -74,6 +106,7 @@ class Pipeline:
         self,
         engines: Mapping[str, Engine],
         signer: Signer,
+        chain_signer: ChainSigner,
         *,
         retries: int = 2,
         retry_backoff_s: float = 0.1,
@@ -82,24 +115,29 @@ class Pipeline:
         sealer: NodeSealer | None = None,
         private_models: frozenset[str] = frozenset(),
         max_execution_s: float = 300.0,
+        max_request_age_s: float = 3600.0,
+        admitted: Callable[[], bool] = lambda: True,
     ) -> None:
         """``sealer`` opens sealed requests (no sealer: they are refused); ``private_models``
-        accept sealed requests only."""
+        accept sealed requests only; ``admitted`` says whether the admission authority counts
+        this node now (a node it does not count answers ``not_admitted``)."""
         self._engines = engines
         self.fatal: WorkerError | None = None
         """Set when an engine reported a fatal failure; intake stops the worker on it."""
         self._sealer = sealer
         self._private_models = private_models
         self._modes = dict(modes or {})
-        self._signer = signer
+        self._answers = Answers(signer, chain_signer, clock_ms)
         self._retries = retries
         self._backoff_s = retry_backoff_s
         self._clock_ms = clock_ms
         self._max_execution_s = max_execution_s
+        self._max_request_age_ms = max_request_age_s * 1000
+        self._admitted = admitted
 
     @property
     def node_id(self) -> str:
-        return self._signer.node_id
+        return self._answers.node_id
 
     def error(
         self,
@@ -109,15 +147,18 @@ class Pipeline:
         message: str,
         *,
         retryable: bool = False,
-    ) -> ErrorReply:
-        return ErrorReply(
-            request_id=request_id,
-            model=model[:128],
-            code=code,
-            message=message[:512],
+        input_hash: str | None = None,
+        reply_key: PublicKey | None = None,
+    ) -> ErrorReply | SealedReply:
+        """A signed error (sealed to ``reply_key`` when given)."""
+        return self._answers.error(
+            request_id,
+            model,
+            code,
+            message,
             retryable=retryable,
-            node_id=self._signer.node_id,
-            created_unix_ms=self._clock_ms(),
+            input_hash=input_hash,
+            reply_key=reply_key,
         )
 
     async def handle(
@@ -128,74 +169,138 @@ class Pipeline:
         chunks: ChunkSink | None = None,
     ) -> Outcome:
         """Run one request. ``payload_document`` is the payload object as received (see
-        ``schemas.requests.input_hash``); without it the normalised payload is hashed.
-        ``chunks`` receives the ``StreamChunk`` messages of a ``stream`` request."""
-        engine = self._engines.get(request.model)
-        if engine is None:
-            return Outcome(
-                self.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.UNKNOWN_MODEL,
-                    "this node does not serve the model",
-                )
+        ``schemas.requests.input_hash``); None means its full JSON form, which is what the
+        client library sends. ``chunks`` receives a ``stream`` request's chunks."""
+        outer_key = (
+            PublicKey(bytes.fromhex(request.payload.reply_public_key))
+            if isinstance(request.payload, SealedInput)
+            else None
+        )
+
+        def refuse(refusal: _Refusal, digest: str | None = None) -> Outcome:
+            reply = self.error(
+                request.request_id,
+                request.model,
+                refusal.code,
+                refusal.message,
+                retryable=refusal.retryable,
+                input_hash=digest,
+                reply_key=outer_key,
             )
+            return Outcome(reply, reply_key=outer_key, input_hash=digest, error_code=refusal.code)
+
+        engine = self._engines.get(request.model)
+        refusal = self._check(request, engine)
+        if refusal is not None or engine is None:
+            return refuse(refusal or _Refusal(ErrorCode.UNKNOWN_MODEL, "unknown model"))
+        document = (
+            request.payload.model_dump(mode="json")
+            if payload_document is None
+            else payload_document
+        )
+        opened = self._open(request, document)
+        if isinstance(opened, _Refusal):
+            return refuse(opened)
+        digest = opened.input_hash
+        if request.payer is not None and not verify_payer(
+            request.payer, request_grant(request, opened.payload, digest)
+        ):
+            return refuse(_Refusal(ErrorCode.BAD_PAYER, "the payer's signature does not verify"))
+        try:
+            return await self._execute(request, engine, opened, chunks)
+        except WorkerError as e:
+            if e.fatal and self.fatal is None:
+                self.fatal = e
+            return refuse(_Refusal(e.code, e.message, e.retryable), digest)
+
+    def _check(self, request: InferenceRequest, engine: Engine | None) -> _Refusal | None:
+        """Why ``request`` must not run here (before anything is opened), or None."""
+        if engine is None:
+            return _Refusal(ErrorCode.UNKNOWN_MODEL, "this node does not serve the model")
         mode = self._modes.get(request.mode)
         if request.mode is not VerificationMode.VANILLA and (
             mode is None or not mode.accepts(request.model)
         ):
-            return Outcome(
-                self.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.UNSUPPORTED_MODE,
-                    f"mode {request.mode.value} is not available on this node",
-                )
+            message = f"mode {request.mode.value} is not available on this node"
+            return _Refusal(ErrorCode.UNSUPPORTED_MODE, message)
+        if not self._admitted():
+            return _Refusal(ErrorCode.NOT_ADMITTED, "this node is not admitted", retryable=True)
+        now = self._clock_ms()
+        if request.created_unix_ms > now + _CLOCK_SKEW_MS or (
+            request.created_unix_ms < now - self._max_request_age_ms
+        ):
+            return _Refusal(ErrorCode.STALE_REQUEST, "the request's creation time is out of bounds")
+        if request.deadline_unix_ms is not None and now >= request.deadline_unix_ms:
+            return _Refusal(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before execution")
+        return None
+
+    def _open(self, request: InferenceRequest, document: dict[str, Any]) -> _Opened | _Refusal:
+        """The payload to run, its input hash and the key sealed answers go to; or why not."""
+        payload = request.payload
+        if not isinstance(payload, SealedInput):
+            if request.model in self._private_models:
+                return _Refusal(ErrorCode.SEALING_REQUIRED, "the model is private")
+            return _hashed(payload, document, None)
+        if self._sealer is None:
+            return _Refusal(ErrorCode.NOT_A_RECIPIENT, "this node has no key for sealed requests")
+        if request.mode is VerificationMode.ZKML:
+            return _Refusal(
+                ErrorCode.UNSUPPORTED_MODE,
+                "ZKML proofs publish their inputs; a sealed request cannot use them",
             )
-        if request.deadline_unix_ms is not None and self._clock_ms() >= request.deadline_unix_ms:
-            return Outcome(
-                self.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.DEADLINE_EXCEEDED,
-                    "deadline passed before execution",
-                )
-            )
-        opened = self._open(request, payload_document)
-        if isinstance(opened, ErrorReply):
-            return Outcome(opened)
-        payload, document, reply_key = opened
-        stream = _ChunkCounter(request.request_id, chunks) if request.stream and chunks else None
+        opened = self._sealer.open(request, payload)
+        if isinstance(opened, NotARecipient):
+            # Retryable: the client sealed to a stale set of nodes and may re-seal.
+            message = "the request is not sealed to this node"
+            return _Refusal(ErrorCode.NOT_A_RECIPIENT, message, retryable=True)
+        if isinstance(opened, BadCiphertext):
+            return _Refusal(ErrorCode.BAD_CIPHERTEXT, "the sealed payload is invalid")
+        if isinstance(opened, BadPlaintext):
+            return _Refusal(ErrorCode.BAD_REQUEST, opened.reason)
+        if isinstance(opened, Mismatch):
+            message = "the sealed payload binds other fields than the request carries"
+            return _Refusal(ErrorCode.SEALED_MISMATCH, message)
+        return _hashed(opened.payload, opened.document, opened.reply_key)
+
+    async def _execute(
+        self,
+        request: InferenceRequest,
+        engine: Engine,
+        opened: _Opened,
+        chunks: ChunkSink | None,
+    ) -> Outcome:
+        stream = (
+            _ChunkCounter(self._answers, request.request_id, chunks, opened.reply_key)
+            if request.stream and chunks
+            else None
+        )
         ctx = RunContext(
             request_id=request.request_id,
             deadline_unix_ms=request.deadline_unix_ms,
             emit=stream.emit if stream is not None else None,
         )
+        result = await self._bounded(
+            request, self._run_with_retries(engine, request, opened.payload, ctx, stream)
+        )
         try:
-            result = await self._bounded(
-                request, self._run_with_retries(engine, request, payload, ctx, stream)
+            reply, record = self._answers.result(
+                request,
+                model_digest=engine.model_digest,
+                input_hash=opened.input_hash,
+                max_output_tokens=max_output_tokens(opened.payload),
+                output=result.output,
+                usage=result.usage,
+                reply_key=opened.reply_key,
             )
-        except WorkerError as e:
-            if e.fatal and self.fatal is None:
-                self.fatal = e
-            return Outcome(
-                self.error(
-                    request.request_id, request.model, e.code, e.message, retryable=e.retryable
-                )
-            )
-        try:
-            return self._sign(request, engine, result, document, reply_key)
         except ValueError:
-            # Canonicalisation refused a value (e.g. an integer outside the I-JSON range that
-            # an engine echoed): answer, never crash the intake over one request.
-            return Outcome(
-                self.error(
-                    request.request_id,
-                    request.model,
-                    ErrorCode.BAD_REQUEST,
-                    "request or output cannot be canonicalised (RFC 8785)",
-                )
-            )
+            # Canonicalisation refused a value an engine produced: answer, never crash.
+            raise PermanentError(
+                "the output cannot be canonicalised (RFC 8785)", code=ErrorCode.INTERNAL
+            ) from None
+        mode = self._modes.get(request.mode)
+        if mode is not None:
+            mode.signed(request, result, record.envelope)
+        return Outcome(reply, record, opened.reply_key, opened.input_hash)
 
     async def _bounded(
         self, request: InferenceRequest, run: Coroutine[Any, Any, EngineResult]
@@ -220,50 +325,6 @@ class Pipeline:
             raise RetryableError(
                 "execution exceeded the node's time limit", code=ErrorCode.TIMEOUT
             ) from None
-
-    def _open(
-        self, request: InferenceRequest, payload_document: dict[str, Any] | None
-    ) -> tuple[ChatInput | MLInput, Any, PublicKey | None] | ErrorReply:
-        """The payload to run, the document ``input_hash`` covers, and the key a sealed
-        output goes to; or the typed error for a request that must not run."""
-        payload = request.payload
-        if not isinstance(payload, SealedInput):
-            if request.model in self._private_models:
-                return self._refuse(request, ErrorCode.SEALING_REQUIRED, "the model is private")
-            return payload, payload if payload_document is None else payload_document, None
-        if self._sealer is None:
-            return self._refuse(
-                request, ErrorCode.NOT_A_RECIPIENT, "this node has no key for sealed requests"
-            )
-        if request.stream:
-            return self._refuse(
-                request, ErrorCode.INVALID_REQUEST, "sealed requests cannot be streamed"
-            )
-        if request.mode is VerificationMode.ZKML:
-            return self._refuse(
-                request,
-                ErrorCode.UNSUPPORTED_MODE,
-                "ZKML proofs publish their inputs; a sealed request cannot use them",
-            )
-        opened = self._sealer.open(request, payload)
-        if isinstance(opened, NotARecipient):
-            # Retryable: the client sealed to a stale set of nodes and may re-seal.
-            return self._refuse(
-                request,
-                ErrorCode.NOT_A_RECIPIENT,
-                "the request is not sealed to this node",
-                retryable=True,
-            )
-        if isinstance(opened, BadCiphertext):
-            return self._refuse(request, ErrorCode.BAD_CIPHERTEXT, "the sealed payload is invalid")
-        if isinstance(opened, BadPlaintext):
-            return self._refuse(request, ErrorCode.BAD_REQUEST, opened.reason)
-        return opened.payload, opened.document, opened.reply_key
-
-    def _refuse(
-        self, request: InferenceRequest, code: ErrorCode, message: str, *, retryable: bool = False
-    ) -> ErrorReply:
-        return self.error(request.request_id, request.model, code, message, retryable=retryable)
 
     async def _run_with_retries(
         self,
@@ -296,64 +357,33 @@ class Pipeline:
             attempt += 1
             await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
 
-    def _sign(
-        self,
-        request: InferenceRequest,
-        engine: Engine,
-        result: EngineResult,
-        document: Any,
-        reply_key: PublicKey | None,
-    ) -> Outcome:
-        envelope = ResultEnvelope(
-            request_id=request.request_id,
-            model_id=request.model,
-            model_digest=engine.model_digest,
-            mode=request.mode,
-            input_hash=input_hash(document),
-            output_hash=output_hash(result.output),
-            usage=result.usage,
-            payer=request.payer,
-            node_id=self._signer.node_id,
-            signed_unix_ms=self._clock_ms(),
-        )
-        signature = self._signer.sign_envelope(envelope)
-        mode = self._modes.get(request.mode)
-        if mode is not None:
-            mode.signed(request, result, envelope)
-        record = SettlementRecord(envelope=envelope, signature=signature)
-        if reply_key is not None:
-            sealed = SealedResult(
-                request_id=request.request_id,
-                envelope=envelope,
-                signature=signature,
-                sealed_output=NodeSealer.seal_output(result.output, reply_key),
-            )
-            return Outcome(sealed, record)
-        reply = InferenceResult(
-            request_id=request.request_id,
-            envelope=envelope,
-            signature=signature,
-            output=result.output,
-        )
-        return Outcome(reply, record)
+
+def _hashed(
+    payload: ChatInput | MLInput, document: Any, reply_key: PublicKey | None
+) -> _Opened | _Refusal:
+    try:
+        return _Opened(payload, input_hash(document), reply_key)
+    except ValueError:
+        return _Refusal(ErrorCode.BAD_REQUEST, "the payload cannot be canonicalised (RFC 8785)")
 
 
 class _ChunkCounter:
-    """Numbers a request's deltas into ``StreamChunk`` messages, in order."""
+    """Numbers a request's deltas into signed chunks (sealed for a sealed request), in order."""
 
-    def __init__(self, request_id: str, sink: ChunkSink) -> None:
+    def __init__(
+        self, answers: Answers, request_id: str, sink: ChunkSink, reply_key: PublicKey | None
+    ) -> None:
+        self._answers = answers
         self._request_id = request_id
         self._sink = sink
+        self._reply_key = reply_key
         self.sent = 0
 
     async def emit(self, delta: Delta) -> None:
         if not delta.text and not delta.tool_calls:
             return
-        chunk = StreamChunk(
-            request_id=self._request_id,
-            index=self.sent,
-            text=delta.text,
-            tool_calls=list(delta.tool_calls),
+        chunk = self._answers.chunk(
+            self._request_id, self.sent, delta.text, list(delta.tool_calls), self._reply_key
         )
         self.sent += 1
         await self._sink(chunk)

@@ -2,6 +2,8 @@
 
 ``publish_outcome`` returns only when the broker has acknowledged both the reply and the
 settlement record (acks=all), which is what lets intake commit the request's offset afterwards.
+The settlement record is sent only once the reply is acknowledged: a result is never booked
+for a reply the cluster refused.
 
 Trace context: every message published for a request carries the request's ``traceparent``
 (intake replaces it with one naming the worker's span), so the reply, the settlement record and
@@ -14,7 +16,6 @@ exist concern one record, a broker that does not answer concerns the whole worke
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from infra.kafka.ports import Headers, MessageTooLarge, Producer
 from schemas import topics as t
 from schemas.codec import encode
 from schemas.dlq import MAX_DLQ_COPY_BYTES, DlqEntry
-from schemas.results import StreamChunk
+from schemas.results import SealedReply, StreamChunk
 from schemas.topics import Topics
 from schemas.version import SCHEMA_VERSION
 from worker.metrics import WorkerMetrics
@@ -35,6 +36,8 @@ __all__ = ["Publisher"]
 
 _HEADROOM_BYTES = 1024
 """Room for headers and the record batch framing beside a reply's value and key."""
+_SEAL_OVERHEAD_BYTES = 48
+"""What ``SealedBox`` adds to a message: an ephemeral public key and a MAC."""
 _SCHEMA_HEADER = (t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())
 
 
@@ -60,6 +63,14 @@ class Publisher:
     def max_message_bytes(self) -> int:
         return self._producer.max_message_bytes
 
+    @property
+    def _dlq_copy_limit_bytes(self) -> int:
+        """The largest original a DLQ entry copies: sealed and hex-encoded it doubles, and the
+        entry must still fit this producer's limit (a dead letter too large to publish would
+        stop the worker on that record at every restart)."""
+        room = (self._producer.max_message_bytes - 2 * _HEADROOM_BYTES) // 2 - _SEAL_OVERHEAD_BYTES
+        return max(0, min(MAX_DLQ_COPY_BYTES, room))
+
     async def publish_outcome(
         self, outcome: Outcome, reply_to: str | None, request_headers: Headers
     ) -> None:
@@ -71,26 +82,24 @@ class Publisher:
             # a result its client cannot receive.
             raise MessageTooLarge("reply")
         started = time.perf_counter()
-        acks = [
-            await self._producer.send(
-                reply_to or self._topics.replies, reply, key=key, headers=headers
-            )
-        ]
+        await self._producer.send_and_wait(
+            reply_to or self._topics.replies, reply, key=key, headers=headers
+        )
         if outcome.record is not None:
-            acks.append(
-                await self._producer.send(
-                    self._topics.settlement,
-                    encode(outcome.record),
-                    key=outcome.record.envelope.node_id.encode(),
-                    headers=headers,
-                )
+            # Only once the reply is acknowledged: a reply the cluster refuses (its topic does
+            # not exist) is dead-lettered, and its result must not be booked meanwhile. The
+            # client is not kept waiting: it has the reply already; only the commit waits.
+            await self._producer.send_and_wait(
+                self._topics.settlement,
+                encode(outcome.record),
+                key=outcome.record.envelope.node_id.encode(),
+                headers=headers,
             )
-        await asyncio.gather(*acks)
         if self._metrics is not None:
             self._metrics.message_published("reply", time.perf_counter() - started)
 
     async def publish_chunk(
-        self, chunk: StreamChunk, reply_to: str | None, request_headers: Headers
+        self, chunk: StreamChunk | SealedReply, reply_to: str | None, request_headers: Headers
     ) -> None:
         """Queue one stream chunk without waiting for its acknowledgement.
 
@@ -121,7 +130,7 @@ class Publisher:
     ) -> None:
         """Dead-letter a message that cannot be answered (see ``schemas.dlq``)."""
         body = raw or b""
-        copied = len(body) <= MAX_DLQ_COPY_BYTES
+        copied = len(body) <= self._dlq_copy_limit_bytes
         entry = DlqEntry(
             reason=reason[:512],
             original_topic=topic,

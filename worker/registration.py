@@ -43,6 +43,13 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _sequence(previous: int) -> int:
+    """The next registration sequence: above the last one, and derived from the clock in
+    microseconds so that it also grows across restarts (verifiers ignore anything not above
+    the latest they accepted, so a restarted node must never go back)."""
+    return max(previous + 1, time.time_ns() // 1000)
+
+
 def software_version() -> str:
     try:
         return version("verifiable-inference-node")
@@ -80,6 +87,7 @@ class Registrar:
             started_unix_ms=now,
             heartbeat_unix_ms=now,
             heartbeat_interval_s=interval_s,
+            sequence=_sequence(0),
         )
         self.last_published_ms: int | None = None
         self._stopped = asyncio.Event()
@@ -100,7 +108,11 @@ class Registrar:
     async def publish(self, status: NodeStatus = "active") -> None:
         """Publish the registration with a fresh heartbeat; returns once acknowledged."""
         self._registration = self._registration.model_copy(
-            update={"heartbeat_unix_ms": self._clock_ms(), "status": status}
+            update={
+                "heartbeat_unix_ms": self._clock_ms(),
+                "status": status,
+                "sequence": _sequence(self._registration.sequence),
+            }
         )
         record = RegistrationRecord(
             registration=self._registration,

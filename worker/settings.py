@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.admission import AdmissionSettings
 from infra.kafka import KafkaSettings
 from infra.tracing import TracingSettings
 from schemas.topics import DEFAULT_NAMESPACE, Topics
@@ -52,6 +53,21 @@ class WorkerSettings(BaseSettings):
     chain_key: SecretStr | None = Field(
         default=None,
         description="hex secp256k1 key of the node's chain account; default: key_dir file",
+    )
+    admission: AdmissionSettings = Field(
+        default_factory=AdmissionSettings,
+        description="who admits this node: it serves only once admitted (and answers "
+        "not_admitted after a revocation)",
+    )
+    reply_topic_prefixes: list[str] | None = Field(
+        default=None,
+        description="reply topics a request may name besides <ns>.replies (which must exist); "
+        "default: [<ns>.replies.]",
+    )
+    max_request_age_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="requests created longer ago are refused (stale_request): no replays",
     )
     private_models: list[str] = Field(
         default_factory=list,

@@ -37,7 +37,7 @@ contract Settlement {
     /// @param root The batch's Merkle root.
     /// @param batchIndex Zero-based position of the batch in anchoring order.
     /// @param count Number of leaves in the batch.
-    /// @param batchRef Opaque reference chosen by the relayer (e.g. the ledger's batch id).
+    /// @param batchRef sha256 of the batch's published leaf file.
     event BatchSettled(bytes32 indexed root, uint256 indexed batchIndex, uint64 count, bytes32 batchRef);
 
     /// @notice The caller is not the relayer.
@@ -56,7 +56,8 @@ contract Settlement {
     /// @notice Anchor the Merkle root of a batch of `count` records.
     /// @param root The batch's Merkle root.
     /// @param count Number of leaves in the batch; must be non-zero.
-    /// @param batchRef Opaque reference echoed in `BatchSettled`.
+    /// @param batchRef sha256 of the batch's published leaf file (see docs/PROTOCOL.md): anyone
+    ///        holding the file can rebuild the tree and prove inclusion without the service.
     function settleBatch(bytes32 root, uint64 count, bytes32 batchRef) external {
         if (msg.sender != relayer) revert NotRelayer();
         if (count == 0) revert EmptyBatch();
@@ -71,11 +72,36 @@ contract Settlement {
         return batches[root].count != 0;
     }
 
-    /// @notice True only when `root` is anchored and `proof` proves `leaf` is in its tree.
+    /// @notice The leaf of one settled result, computed from its fields as the tree does:
+    ///         keccak256(keccak256(abi.encode(requestKey, nodeId, inputHash, outputHash,
+    ///         envelopeDigest))). A verifier never takes a leaf hash as given: an inner node of
+    ///         the tree would pass a plain path check.
+    function leafOf(
+        bytes32 requestKey,
+        bytes32 nodeId,
+        bytes32 inputHash,
+        bytes32 outputHash,
+        bytes32 envelopeDigest
+    ) public pure returns (bytes32) {
+        return keccak256(bytes.concat(keccak256(abi.encode(requestKey, nodeId, inputHash, outputHash, envelopeDigest))));
+    }
+
+    /// @notice True only when `root` is anchored and `proof` proves the result with these
+    ///         fields is in its tree.
     /// @param root An anchored batch root.
-    /// @param leaf The leaf hash (double keccak of the abi-encoded record fields).
+    /// @param requestKey keccak256 of the request id's UTF-8 bytes.
+    /// @param nodeId The node's ed25519 public key.
     /// @param proof Sibling hashes from the leaf up to the root (sorted-pair hashing).
-    function verifyInclusion(bytes32 root, bytes32 leaf, bytes32[] calldata proof) external view returns (bool) {
+    function verifyRecord(
+        bytes32 root,
+        bytes32 requestKey,
+        bytes32 nodeId,
+        bytes32 inputHash,
+        bytes32 outputHash,
+        bytes32 envelopeDigest,
+        bytes32[] calldata proof
+    ) external view returns (bool) {
+        bytes32 leaf = leafOf(requestKey, nodeId, inputHash, outputHash, envelopeDigest);
         return batches[root].count != 0 && MerkleProof.verifyCalldata(proof, root, leaf);
     }
 }

@@ -1,7 +1,8 @@
-// Reproducible build of Settlement.sol with solcjs (no network, no downloads).
+// Reproducible build of the contracts (Settlement.sol, NodeRegistry.sol) with solcjs (no
+// network, no downloads).
 //
-//   node infra/contracts/build.mjs           compile and write Settlement.json
-//   node infra/contracts/build.mjs --check   compile; exit 1 if Settlement.json differs
+//   node infra/contracts/build.mjs           compile and write <Contract>.json
+//   node infra/contracts/build.mjs --check   compile; exit 1 if a committed artifact differs
 //
 // Paths are resolved relative to this script, so it runs from any working directory. The
 // compiler and OpenZeppelin come from infra/node/node_modules (`npm ci --prefix infra/node`).
@@ -17,10 +18,7 @@ import { fileURLToPath } from "node:url";
 const CONTRACTS_DIR = dirname(fileURLToPath(import.meta.url));
 const NODE_DIR = resolve(CONTRACTS_DIR, "..", "node");
 const NODE_MODULES = join(NODE_DIR, "node_modules");
-const CONTRACT_NAME = "Settlement";
-const SOURCE_NAME = `${CONTRACT_NAME}.sol`;
-const SOURCE_PATH = join(CONTRACTS_DIR, SOURCE_NAME);
-const ARTIFACT_PATH = join(CONTRACTS_DIR, `${CONTRACT_NAME}.json`);
+const CONTRACTS = ["Settlement", "NodeRegistry"];
 const INSTALL_HINT = "install the npm tooling with `npm ci --prefix infra/node`";
 
 function fail(message) {
@@ -49,15 +47,16 @@ function findImports(importPath) {
   return { contents: readFileSync(full, "utf8") };
 }
 
-function compile(solc, source) {
+function compile(solc, name, source) {
+  const sourceName = `${name}.sol`;
   const input = {
     language: "Solidity",
-    sources: { [SOURCE_NAME]: { content: source } },
+    sources: { [sourceName]: { content: source } },
     settings: {
       optimizer: { enabled: true, runs: 200 },
       evmVersion: "cancun",
       outputSelection: {
-        [SOURCE_NAME]: { [CONTRACT_NAME]: ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"] },
+        [sourceName]: { [name]: ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"] },
       },
     },
   };
@@ -77,17 +76,16 @@ function compile(solc, source) {
   const errors = diagnostics.filter((d) => d.severity === "error");
   for (const d of diagnostics) process.stderr.write(`${d.formattedMessage ?? d.message}\n`);
   if (errors.length > 0) fail(`compilation failed with ${errors.length} error(s)`);
-  const contract = output.contracts?.[SOURCE_NAME]?.[CONTRACT_NAME];
-  if (!contract) fail(`no ${CONTRACT_NAME} contract in the compiler output`);
+  const contract = output.contracts?.[sourceName]?.[name];
+  if (!contract) fail(`no ${name} contract in the compiler output`);
   return contract;
 }
 
-function buildArtifact() {
-  const solc = loadSolc();
-  const sourceBytes = readFileSync(SOURCE_PATH);
-  const contract = compile(solc, sourceBytes.toString("utf8"));
+function buildArtifact(solc, name) {
+  const sourceBytes = readFileSync(join(CONTRACTS_DIR, `${name}.sol`));
+  const contract = compile(solc, name, sourceBytes.toString("utf8"));
   const artifact = {
-    contractName: CONTRACT_NAME,
+    contractName: name,
     solcVersion: solc.version(),
     sourceSha256: createHash("sha256").update(sourceBytes).digest("hex"),
     abi: contract.abi,
@@ -101,17 +99,24 @@ const args = process.argv.slice(2);
 const unknown = args.filter((a) => a !== "--check");
 if (unknown.length > 0) fail(`unknown argument(s): ${unknown.join(" ")} (usage: build.mjs [--check])`);
 
-const text = buildArtifact();
-if (args.includes("--check")) {
-  const committed = existsSync(ARTIFACT_PATH) ? readFileSync(ARTIFACT_PATH, "utf8") : null;
-  if (committed !== text) {
-    process.stderr.write(
-      `build.mjs: ${ARTIFACT_PATH} is out of date; run \`node infra/contracts/build.mjs\`\n`,
-    );
-    process.exit(1);
+const solc = loadSolc();
+let stale = 0;
+for (const name of CONTRACTS) {
+  const artifactPath = join(CONTRACTS_DIR, `${name}.json`);
+  const text = buildArtifact(solc, name);
+  if (args.includes("--check")) {
+    const committed = existsSync(artifactPath) ? readFileSync(artifactPath, "utf8") : null;
+    if (committed !== text) {
+      process.stderr.write(
+        `build.mjs: ${artifactPath} is out of date; run \`node infra/contracts/build.mjs\`\n`,
+      );
+      stale += 1;
+    } else {
+      process.stdout.write(`${artifactPath} is up to date\n`);
+    }
+  } else {
+    writeFileSync(artifactPath, text);
+    process.stdout.write(`wrote ${artifactPath}\n`);
   }
-  process.stdout.write(`${ARTIFACT_PATH} is up to date\n`);
-} else {
-  writeFileSync(ARTIFACT_PATH, text);
-  process.stdout.write(`wrote ${ARTIFACT_PATH}\n`);
 }
+if (stale > 0) process.exit(1);

@@ -3,8 +3,11 @@
 Everything runs as detached processes tracked by pid files under the state directory (default
 ``var/``): the Tansu broker, an anvil chain with the Settlement contract, one worker and the
 settlement service (anchoring Merkle roots on that chain); logs go to ``var/log``. ``up`` is
-idempotent: a component already running is left alone. The chain uses anvil's well-known
-development key as relayer: for local use only.
+idempotent: a component already running is left alone. The worker and settlement serve
+``/metrics``, ``/healthz`` and ``/readyz`` (ports 9108 and 9109 by default, as in the deploy
+manifests, so ``inference-node check`` works on the stack as it is); ``up`` waits until both
+``/readyz`` answer 200, and ``status`` reports each service's readiness from it. The chain
+uses anvil's well-known development key as relayer: for local use only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from infra.dev.anvil import (
 from infra.dev.broker import BrokerAlreadyRunning, kafka_api_versions_ok, start_broker, stop_broker
 from infra.dev.demo_models import build_demo_hub
 from infra.dev.processes import running_pid, stop_pidfile
+from infra.dev.readiness import probe, wait_ready
 from infra.kafka.admin import ensure_topics
 from schemas.topics import standard_topics
 from settlement.chain import ChainError, ChainSettings, SettlementChain
@@ -49,6 +52,8 @@ class StackConfig:
     port: int = 9092
     namespace: str = "og"
     chain_port: int = 8545
+    worker_metrics_port: int = 9108
+    settlement_metrics_port: int = 9109
     ready_timeout_s: float = 120.0
 
     @property
@@ -62,6 +67,18 @@ class StackConfig:
     def path(self, *parts: str) -> Path:
         return self.state_dir.joinpath(*parts)
 
+    def metrics_port(self, service: str) -> int:
+        return self.worker_metrics_port if service == "worker" else self.settlement_metrics_port
+
+
+def _health_base(cfg: StackConfig, service: str) -> str:
+    """The service's health server, as recorded when it was started (so ``status`` finds a
+    service started on other ports), else as configured."""
+    record = cfg.path("run", f"{service}.health")
+    if record.exists():
+        return record.read_text().strip()
+    return f"http://{cfg.host}:{cfg.metrics_port(service)}"
+
 
 def _service_env(cfg: StackConfig, service: str) -> dict[str, str]:
     prefix = "OG_WORKER_" if service == "worker" else "OG_SETTLEMENT_"
@@ -71,6 +88,8 @@ def _service_env(cfg: StackConfig, service: str) -> dict[str, str]:
     env |= {
         prefix + "KAFKA__BOOTSTRAP_SERVERS": cfg.bootstrap,
         prefix + "NAMESPACE": cfg.namespace,
+        prefix + "METRICS_HOST": cfg.host,
+        prefix + "METRICS_PORT": str(cfg.metrics_port(service)),
     }
     if service == "worker":
         env |= {
@@ -127,14 +146,12 @@ def _start_service(cfg: StackConfig, service: str) -> None:
     pid_path = cfg.path("run", f"{service}.pid")
     if running_pid(pid_path, _MARKER) is not None:
         return
-    ready = cfg.path("run", f"{service}.ready")
-    ready.unlink(missing_ok=True)
     log_path = cfg.path("log", f"{service}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pid_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "nodecli.main", service, "--ready-file", str(ready)],
+            [sys.executable, "-m", "nodecli.main", service],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -142,20 +159,20 @@ def _start_service(cfg: StackConfig, service: str) -> None:
             start_new_session=True,
         )
     pid_path.write_text(f"{proc.pid}\n")
+    cfg.path("run", f"{service}.health").write_text(
+        f"http://{cfg.host}:{cfg.metrics_port(service)}\n"
+    )
 
 
 def _wait_ready(cfg: StackConfig, service: str) -> None:
-    deadline = time.monotonic() + cfg.ready_timeout_s
-    ready = cfg.path("run", f"{service}.ready")
     pid_path = cfg.path("run", f"{service}.pid")
-    while not ready.exists():
-        if running_pid(pid_path, _MARKER) is None:
-            raise RuntimeError(
-                f"{service} exited during start-up; see {cfg.path('log', service)}.log"
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{service} not ready after {cfg.ready_timeout_s} s")
-        time.sleep(0.1)
+    wait_ready(
+        service,
+        _health_base(cfg, service) + "/readyz",
+        alive=lambda: running_pid(pid_path, _MARKER) is not None,
+        log_path=cfg.path("log", f"{service}.log"),
+        timeout_s=cfg.ready_timeout_s,
+    )
 
 
 def stack_up(cfg: StackConfig) -> dict[str, object]:
@@ -186,6 +203,8 @@ def stack_down(cfg: StackConfig) -> dict[str, bool]:
         service: stop_pidfile(cfg.path("run", f"{service}.pid"), marker=_MARKER, timeout_s=30.0)
         for service in _SERVICES
     }
+    for service in _SERVICES:
+        cfg.path("run", f"{service}.health").unlink(missing_ok=True)
     stopped["broker"] = stop_broker(cfg.path("run", "broker.pid"))
     stopped["chain"] = stop_anvil(cfg.path("run", "anvil.pid"))
     return stopped
@@ -200,11 +219,20 @@ def stack_status(cfg: StackConfig) -> dict[str, object]:
     }
     for service in _SERVICES:
         pid = running_pid(cfg.path("run", f"{service}.pid"), _MARKER)
-        status[service] = {
+        base = _health_base(cfg, service)
+        readiness = probe(base + "/readyz") if pid is not None else None
+        entry: dict[str, object] = {
             "pid": pid,
             "running": pid is not None,
-            "ready": pid is not None and cfg.path("run", f"{service}.ready").exists(),
+            "ready": readiness is not None and readiness.ready,
+            "readyz": base + "/readyz",
+            "metrics": base + "/metrics",
         }
+        if readiness is None:
+            entry["failed"] = ["not running"]
+        elif not readiness.ready:
+            entry["failed"] = readiness.failed
+        status[service] = entry
     return status
 
 
@@ -216,3 +244,12 @@ def local_chain(chain: ChainSettings, state_dir: Path) -> ChainSettings:
         return chain
     address = json.loads(record.read_text())["contract_address"]
     return chain.model_copy(update={"contract_address": address})
+
+
+def local_registry(state_dir: Path) -> str | None:
+    """The NodeRegistry address of the local stack in ``state_dir`` (None without a stack)."""
+    record = state_dir / "chain.json"
+    if not record.exists():
+        return None
+    address = json.loads(record.read_text()).get("registry_address")
+    return str(address) if address else None

@@ -107,6 +107,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class AiokafkaConsumer(Consumer):
     def __init__(self, settings: KafkaSettings, group_id: str | None) -> None:
         self._consumer = AIOKafkaConsumer(**settings.consumer_kwargs(group_id))
+        self._group_id = group_id
 
     async def start(self) -> None:
         async with _translated():
@@ -166,11 +167,19 @@ class AiokafkaConsumer(Consumer):
         in the same call are gone from its buffer (their positions moved), and the bad one
         would raise on every call. Rewind every partition to where this call started, then read
         one record at a time until the one that cannot be read: deliver the good ones before
-        it and an ``UnreadableRecord`` in its place, and move past it. Rare, so slow is fine."""
-        for tp, offset in before.items():
+        it and an ``UnreadableRecord`` in its place, and move past it. Rare, so slow is fine.
+
+        A partition without a fetch position when the call started (assigned during it: the
+        first fetch after a rebalance) started where a new assignment starts, at its committed
+        offset or else at its first (``auto_offset_reset=earliest``); rewound there too, or the
+        records drained from it would be skipped for good."""
+        starts = dict(before)
+        for tp in self.assignment() - before.keys():
+            starts[tp] = await self._start_offset(tp)
+        for tp, offset in starts.items():
             self._consumer.seek(_tp(tp), offset)
         paused = {TopicPartition(*tp) for tp in self._consumer.paused()}
-        for tp, offset in sorted(before.items()):
+        for tp, offset in sorted(starts.items()):
             highwater = self._consumer.highwater(_tp(tp))
             if tp in paused or highwater is None or offset >= highwater:
                 continue  # nothing fetched there: the bad record is elsewhere
@@ -195,6 +204,16 @@ class AiokafkaConsumer(Consumer):
             if good:
                 return {tp: good}
         return {}
+
+    async def _start_offset(self, tp: TopicPartition) -> int:
+        """Where consuming ``tp`` starts after its assignment (see ``_isolate_unreadable``)."""
+        async with _translated():
+            if self._group_id is not None:
+                committed = await self._consumer.committed(_tp(tp))
+                if committed is not None:
+                    return int(committed)
+            first = await self._consumer.beginning_offsets([_tp(tp)])
+        return int(first[_tp(tp)])
 
     def pause(self, *partitions: TopicPartition) -> None:
         self._consumer.pause(*(_tp(tp) for tp in partitions))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from infra.kafka.ports import Consumer, TopicPartition
@@ -26,15 +27,26 @@ log = logging.getLogger(__name__)
 _POLL_MS = 200
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class TopicReader:
     """Lifecycle: ``start`` (returns once caught up, or after a timeout) → ``stop``."""
 
     def __init__(
-        self, consumer: Consumer, topic: str, apply: Callable[[bytes | None], object]
+        self,
+        consumer: Consumer,
+        topic: str,
+        apply: Callable[[bytes | None, int], object],
+        clock_ms: Callable[[], int] = _now_ms,
     ) -> None:
+        """``apply(value, received_unix_ms)`` gets each record's value and the time this
+        reader read it (its own clock, never a time the record claims)."""
         self._consumer = consumer
         self._topic = topic
         self._apply = apply
+        self._clock_ms = clock_ms
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
         self._end: dict[TopicPartition, int] = {}
@@ -85,10 +97,11 @@ class TopicReader:
         try:
             while True:
                 batches = await self._consumer.getmany(timeout_ms=_POLL_MS)
+                received = self._clock_ms()
                 for records in batches.values():
                     for record in records:
                         try:
-                            self._apply(record.value)
+                            self._apply(record.value, received)
                         except Exception as e:  # a bug must not blind the reader
                             log.error(
                                 "record not applied",

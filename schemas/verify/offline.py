@@ -32,12 +32,15 @@ from schemas.base import VerificationMode
 from schemas.registry import RegisteredModel, RegistrationRecord, verify_registration
 from schemas.requests import InferenceRequest
 from schemas.results import InferenceResult
+from schemas.verify.admission import Admissions
 from schemas.verify.attestation import (
     AttestationPolicy,
     AttestationPolicySettings,
+    registration_verdict,
     verify_attestation,
 )
-from schemas.verify.result import Check, verify_result
+from schemas.verify.registry import RegistryPolicy, RegistryView
+from schemas.verify.result import Check, Trust, verify_result
 
 __all__ = ["load_policy", "registration_checks", "verify_offline"]
 
@@ -149,12 +152,43 @@ def verify_offline(
     request: InferenceRequest | None = None,
     registration: Any = None,
     policy: AttestationPolicy | None = None,
+    admissions: Admissions | None = None,
+    at_unix_ms: int = 0,
 ) -> dict[str, Any]:
-    """The JSON report: ``{"request_id", "verified", "checks": [{name, ok, detail}]}``."""
-    report = verify_result(result, request)
+    """The JSON report: ``{"request_id", "verified", "checks": [{name, ok, detail}]}``.
+
+    ``admissions`` are the authority's facts (without them the ``admitted`` check fails: a
+    signature alone proves nothing). A signed registration record, when given, also lets a
+    node admitted by its TEE measurement count, and a TEE result be checked."""
+    policy = policy or AttestationPolicy()
+    trust = None
+    if admissions is not None:
+        view = None
+        if isinstance(registration, dict) and "signature" in registration:
+            view = RegistryView(
+                RegistryPolicy(
+                    attestation_check=registration_verdict(
+                        policy, approved=admissions.measurement_approved
+                    )
+                ),
+                admissions,
+            )
+            view.apply(json.dumps(registration).encode(), at_unix_ms)
+        trust = Trust(admissions, at_unix_ms, view)
+    report = verify_result(result, request, trust=trust)
     checks = list(report.checks)
     if registration is not None:
-        checks += registration_checks(result, registration, policy or AttestationPolicy())
+        extra = registration_checks(result, registration, policy)
+        if trust is not None and result.envelope.mode is VerificationMode.TEE:
+            # The registration's evidence is judged by the checks below (a bare document has
+            # no signature for the registry view): ``admitted`` is about admission alone.
+            problem, _ = trust.signer_problem(result.envelope.node_id, VerificationMode.VANILLA)
+            detail = trust.admissions.source + (f": {problem}" if problem else "")
+            checks = [
+                _check("admitted", problem is None, detail) if c.name == "admitted" else c
+                for c in checks
+            ]
+        checks += extra
     elif result.envelope.mode is VerificationMode.TEE:
         checks.append(_check("attestation", False, "TEE result: give --registration to check"))
     ok = bool(checks) and all(c.ok for c in checks)

@@ -1,46 +1,39 @@
-"""A live view of the node registry (``<ns>.registry``), for clients and settlement.
+"""A view of the node registry (``<ns>.registry``) that only admitted nodes count in (pure).
 
-``RegistryView`` is pure: feed it registry messages (``apply``) and ask who may serve a model
-(``active_nodes``) or whether a record a node signed at a given time is acceptable
-(``check_record``). ``infra.kafka.reader.TopicReader`` keeps a view current from the topic.
+Feed it registry messages with the time *you* received them (``apply``) and admission facts
+(``admissions``, replaced whenever the authority's snapshot changes); ask who may serve a model
+(``active_nodes``: whom a client seals to) or whether a record is acceptable (``check``).
+``infra.kafka.reader.TopicReader`` keeps a view current from the topic. No clock of its own:
+every question takes the verifier's time.
 
-Rules, in order, for a record signed by node N at time T (``check_record``):
+What a signer chooses never decides anything here. Rules for a record of node N, judged at
+the verifier's receipt time R (``check``), in order:
 
-- ``unknown_node``: N never published a valid registration.
-- ``revoked_node``: N is on the configured deny-list, or a trusted authority revoked N at or
-  before T.
-- ``stale_node``: T is later than N's last heartbeat plus ``stale_after`` (default three
-  heartbeat intervals). A node that stops heart-beating therefore drops out, and records it
-  signs afterwards are rejected; records it signed while alive stay valid even when settlement
-  reads them late.
+- ``unknown_node``: N never published a valid registration;
+- admission (``schemas.verify.admission``): ``not_admitted``, ``revoked_node``,
+  ``revoked_measurement``, ``chain_address_mismatch``;
+- ``stale_node``: R is later than N's last heartbeat plus ``stale_after_intervals`` heartbeat
+  intervals, where a heartbeat counts at the time the verifier received it or the time it
+  claims, whichever is earlier (a far-future heartbeat buys nothing);
+- ``unregistered_model``: N does not register the record's model with the record's model
+  digest; ``unregistered_mode``: not in that mode;
 - ``unattested_node``: attestation is required (by policy, or because the record claims mode
-  TEE) and N's evidence does not verify under the policy's attestation check.
+  TEE) and N's evidence does not verify now (its age is checked at every use, not once).
+
+A registration replaces the one held only when its ``sequence`` is higher: a replayed older
+one is ignored (``out_of_order``), and a tombstone or garbage changes nothing.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from schemas.base import VerificationMode
 from schemas.codec import Decoded, decode
-from schemas.registry import (
-    NodeRegistration,
-    RegistrationRecord,
-    RevocationRecord,
-    verify_registration,
-    verify_revocation,
-)
+from schemas.registry import NodeRegistration, RegistrationRecord, verify_registration
+from schemas.verify.admission import Admissions, AttestationCheck, Verdict, admission_problem
 
 __all__ = ["RegistryPolicy", "RegistryView"]
-
-log = logging.getLogger(__name__)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -48,68 +41,44 @@ class RegistryPolicy:
     stale_after_intervals: float = 3.0
     """A node is stale this many heartbeat intervals after its last heartbeat."""
     require_attestation: bool = False
-    attestation_check: Callable[[NodeRegistration], bool] | None = None
-    """Verifies a registration's evidence and its binding to the node's keys (see
-    ``schemas.verify.attestation``); without one, no node counts as attested."""
-    authorities: frozenset[str] = frozenset()
-    """ed25519 keys (hex) whose revocations are honoured."""
+    attestation_check: AttestationCheck | None = None
+    """Without one, no node counts as attested (and TEE records are rejected)."""
     revoked_nodes: frozenset[str] = frozenset()
-    """An operator deny-list: every record of these nodes is rejected."""
+    """An operator deny-list on top of the authority's decisions."""
 
 
 @dataclass
 class _Node:
     registration: NodeRegistration
-    attested: bool
-    revoked_unix_ms: int | None = None
+    received_unix_ms: int
 
 
 @dataclass
 class RegistryView:
     policy: RegistryPolicy = field(default_factory=RegistryPolicy)
+    admissions: Admissions = field(default_factory=Admissions)
+    """The authority's facts; the default admits nobody (``Admissions.everyone()`` for a closed
+    development network)."""
     _nodes: dict[str, _Node] = field(default_factory=dict)
-    _revocations: dict[str, int] = field(default_factory=dict)
     version: int = 0
     """Bumped on every accepted change, so a waiter can tell the view moved."""
 
-    def apply(self, raw: bytes | None) -> str | None:
-        """Apply one registry message; returns why it was ignored, or None."""
+    def apply(self, raw: bytes | None, received_unix_ms: int) -> str | None:
+        """Apply one registry message received at ``received_unix_ms`` (the verifier's clock);
+        returns why it was ignored, or None."""
         if raw is None:
             return "tombstone"
-        kind = decode(raw, RegistrationRecord)
-        if isinstance(kind, Decoded):
-            return self._register(kind.message)
-        revocation = decode(raw, RevocationRecord)
-        if isinstance(revocation, Decoded):
-            return self._revoke(revocation.message)
-        return "not_decodable"
-
-    def _register(self, record: RegistrationRecord) -> str | None:
+        decoded = decode(raw, RegistrationRecord)
+        if not isinstance(decoded, Decoded):
+            return "not_decodable"
+        record = decoded.message
         if not verify_registration(record):
             return "bad_signature"
         reg = record.registration
         known = self._nodes.get(reg.node_id)
-        if known is not None and known.registration.heartbeat_unix_ms > reg.heartbeat_unix_ms:
+        if known is not None and reg.sequence <= known.registration.sequence:
             return "out_of_order"
-        if known is not None and known.registration.attestation == reg.attestation:
-            attested = known.attested
-        else:
-            check = self.policy.attestation_check
-            attested = reg.attestation is not None and check is not None and check(reg)
-        self._nodes[reg.node_id] = _Node(reg, attested, self._revocations.get(reg.node_id))
-        self.version += 1
-        return None
-
-    def _revoke(self, record: RevocationRecord) -> str | None:
-        rev = record.revocation
-        if rev.authority_id not in self.policy.authorities:
-            return "untrusted_authority"
-        if not verify_revocation(record):
-            return "bad_signature"
-        at = min(rev.revoked_unix_ms, self._revocations.get(rev.node_id, rev.revoked_unix_ms))
-        self._revocations[rev.node_id] = at
-        if rev.node_id in self._nodes:
-            self._nodes[rev.node_id].revoked_unix_ms = at
+        self._nodes[reg.node_id] = _Node(reg, received_unix_ms)
         self.version += 1
         return None
 
@@ -117,36 +86,85 @@ class RegistryView:
         node = self._nodes.get(node_id)
         return None if node is None else node.registration
 
-    def check_record(
-        self, node_id: str, signed_unix_ms: int, mode: VerificationMode = VerificationMode.VANILLA
+    def node_problem(
+        self,
+        node_id: str,
+        at_unix_ms: int,
+        *,
+        mode: VerificationMode = VerificationMode.VANILLA,
+        require_attestation: bool = False,
     ) -> str | None:
-        """Why a record node ``node_id`` signed at ``signed_unix_ms`` must be rejected, or
-        None when it is acceptable (see the module docstring for the rules)."""
+        """Why node ``node_id`` may not act at ``at_unix_ms`` (the verifier's clock), or None."""
         node = self._nodes.get(node_id)
         if node is None:
             return "unknown_node"
-        if node_id in self.policy.revoked_nodes or (
-            node.revoked_unix_ms is not None and signed_unix_ms >= node.revoked_unix_ms
-        ):
+        if node_id in self.policy.revoked_nodes:
             return "revoked_node"
         reg = node.registration
+        verdict = self._verdict(reg, at_unix_ms)
+        attested = (
+            (verdict.kind, verdict.measurement)
+            if verdict.ok and verdict.kind and verdict.measurement
+            else None
+        )
+        problem = admission_problem(self.admissions, node_id, reg.chain_address, attested)
+        if problem is not None:
+            return problem
+        beat = min(reg.heartbeat_unix_ms, node.received_unix_ms)
         stale_after_ms = reg.heartbeat_interval_s * self.policy.stale_after_intervals * 1000
-        if signed_unix_ms > reg.heartbeat_unix_ms + stale_after_ms:
+        if at_unix_ms > beat + stale_after_ms:
             return "stale_node"
-        needs_attestation = self.policy.require_attestation or mode is VerificationMode.TEE
-        if needs_attestation and not node.attested:
+        needs = require_attestation or self.policy.require_attestation
+        if (needs or mode is VerificationMode.TEE) and not verdict.ok:
             return "unattested_node"
         return None
 
-    def active_nodes(self, model: str, now_ms: int | None = None) -> list[NodeRegistration]:
-        """Nodes that serve ``model`` now: registered active, fresh, not revoked, and attested
-        when the policy requires it."""
-        now = _now_ms() if now_ms is None else now_ms
+    def check(
+        self,
+        node_id: str,
+        model_id: str,
+        model_digest: str,
+        mode: VerificationMode,
+        received_unix_ms: int,
+    ) -> str | None:
+        """Why a record of ``node_id`` for ``model_id``/``model_digest`` in ``mode``, received
+        at ``received_unix_ms``, must be rejected, or None (module docstring: the rules)."""
+        problem = self.node_problem(node_id, received_unix_ms, mode=mode)
+        if problem is not None:
+            return problem
+        reg = self._nodes[node_id].registration
+        model = next((m for m in reg.models if m.name == model_id), None)
+        if model is None or model.digest != model_digest:
+            return "unregistered_model"
+        if mode not in model.modes:
+            return "unregistered_mode"
+        return None
+
+    def chain_address(self, node_id: str) -> str | None:
+        """The chain address node ``node_id`` registered (its results' chain signatures must
+        recover to it; admission checks it is the one the authority admitted)."""
+        node = self._nodes.get(node_id)
+        return None if node is None else node.registration.chain_address
+
+    def active_nodes(
+        self, model: str, now_unix_ms: int, *, require_attestation: bool = False
+    ) -> list[NodeRegistration]:
+        """Nodes that serve ``model`` now: registered ``active``, admitted, fresh, and attested
+        when asked (sealing to a node trusts it with the prompt)."""
         active = []
         for node_id, node in self._nodes.items():
             reg = node.registration
             if reg.status != "active" or all(m.name != model for m in reg.models):
                 continue
-            if self.check_record(node_id, now) is None:
+            if (
+                self.node_problem(node_id, now_unix_ms, require_attestation=require_attestation)
+                is None
+            ):
                 active.append(reg)
         return sorted(active, key=lambda r: r.node_id)
+
+    def _verdict(self, reg: NodeRegistration, at_unix_ms: int) -> Verdict:
+        check = self.policy.attestation_check
+        if reg.attestation is None or check is None:
+            return Verdict(False)
+        return check(reg, at_unix_ms)

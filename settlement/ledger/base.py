@@ -37,6 +37,7 @@ __all__ = [
     "Origin",
     "ProofEntry",
     "Rejection",
+    "Stored",
     "StoredRecord",
     "batch_row",
     "check_members",
@@ -64,6 +65,8 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "received_unix_ms",
     "origin",
     "leaf_hash",
+    "settlement_mode",
+    "booking",
 )
 """Columns written by ``store``, in the order of ``record_row``; both backends share them."""
 
@@ -152,11 +155,16 @@ class ProofEntry:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """What one ``store`` call wrote: records new to the ledger, and replays (a record already
-    stored from another message, booked as a ``replay`` rejection)."""
+    """What one ``store`` call wrote: records new to the ledger, and the reasons of records it
+    refused and booked as rejections: ``replay`` (already stored from another message) and
+    ``already_booked`` (another node booked the same request for the same payer)."""
 
     inserted: int
-    replays: int = 0
+    refused: tuple[str, ...] = ()
+
+    @property
+    def replays(self) -> int:
+        return len(self.refused)
 
 
 class LedgerError(Exception):
@@ -239,16 +247,17 @@ class Ledger(Protocol):
         """Per (payer, model_id): requests, input_tokens, output_tokens; one payer or all."""
         ...
 
-    def unbatched(self, limit: int) -> list[Leaf]:
-        """Up to ``limit`` records not in any batch, oldest (first stored) first."""
+    def unbatched(self, limit: int, mode: str = "batch") -> list[Leaf]:
+        """Up to ``limit`` records of settlement ``mode`` (``batch`` or ``individual``) not in
+        any batch, oldest (first stored) first. ``private`` records are never batched."""
         ...
 
     def oldest_unbatched_unix_ms(self) -> int | None:
-        """When the oldest unbatched record was stored, or None when all are batched."""
+        """When the oldest unbatched ``batch``-mode record was stored (None: all batched)."""
         ...
 
     def unbatched_count(self) -> int:
-        """How many stored records are in no batch yet."""
+        """How many ``batch``-mode records are in no batch yet."""
         ...
 
     def create_batch(self, root_hex: str, members: Sequence[BatchMember]) -> int:
@@ -297,13 +306,15 @@ def record_row(item: Accepted, now_ms: int) -> tuple[Any, ...]:
         e.output_hash,
         e.usage.input_tokens,
         e.usage.output_tokens,
-        e.payer,
+        None if e.payer is None else e.payer.account,
         e.signed_unix_ms,
         record.signature,
         e.model_dump_json(),
         now_ms,
         None if item.origin is None else str(item.origin),
         leaf,
+        e.settlement.value,
+        1,
     )
 
 

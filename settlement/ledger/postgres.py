@@ -107,6 +107,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX proofs_pending ON proofs (request_id, node_id) WHERE status = 'pending';
     """,
+    # v5 (wire schema 2): a request is booked once across all nodes, per payer (rows stored
+    # from now on are bookings; older rows keep one row per node); the producer's settlement
+    # mode (batch, individual, private). ``payer`` holds the payer's account (scheme:key).
+    """
+    ALTER TABLE records ADD COLUMN settlement_mode TEXT NOT NULL DEFAULT 'batch';
+    ALTER TABLE records ADD COLUMN booking INTEGER;
+    CREATE UNIQUE INDEX records_one_booking ON records (request_id, COALESCE(payer, ''))
+        WHERE booking = 1;
+    """,
 )
 """Numbered from 1; table ``schema_migrations`` lists those applied. Append, never edit."""
 
@@ -173,7 +182,7 @@ class PostgresLedger(SqlLedger):
         cur.execute(
             f"INSERT INTO records ({_COLUMNS})"  # noqa: S608 (constants only)
             f" SELECT {_COLUMNS} FROM {_STAGING}"
-            " ON CONFLICT (request_id, node_id) DO NOTHING"
+            " ON CONFLICT DO NOTHING"
         )
         return int(cur.rowcount)
 

@@ -48,6 +48,17 @@ _STORED = "r.request_id, r.node_id, r.envelope_json, r.received_unix_ms"
 # order column; every value goes through a bound parameter.
 
 
+def _refusal(reason: str, item: Accepted) -> Rejection:
+    env = item.record.envelope
+    detail = {
+        "replay": "already settled from another message",
+        "already_booked": "the request is booked already (another node answered it)",
+    }[reason]
+    assert item.origin is not None
+    raw = item.record.model_dump_json().encode()
+    return Rejection(Rejected(reason, detail, env.request_id, env.node_id), raw, item.origin)
+
+
 def _parse_envelope(text: str) -> ResultEnvelope:
     return ResultEnvelope.model_validate_json(text)
 
@@ -104,13 +115,16 @@ class SqlLedger:
     ) -> Stored:
         now = now_ms()
         with self._lock, self._transaction() as cur:
-            fresh, replays = self._split_replays(cur, accepted)
+            fresh, refused = self._classify(cur, accepted)
             rows = [record_row(item, now) for item in fresh]
             inserted = self._insert_records(cur, rows) if rows else 0
+            if inserted < len(fresh):
+                # Lost a race with another settlement consumer for the same booking.
+                refused += self._not_inserted(cur, fresh)
             if inserted:
                 link_pending_proofs(cur)
             store_proofs(cur, self._sql, proofs, now)
-            rejections = [rejection_row(item, now) for item in [*rejected, *replays]]
+            rejections = [rejection_row(item, now) for item in [*rejected, *refused]]
             if rejections:
                 cur.executemany(
                     self._sql(
@@ -121,38 +135,71 @@ class SqlLedger:
                     ),
                     rejections,
                 )
-        return Stored(inserted, len(replays))
+        return Stored(inserted, tuple(r.outcome.reason for r in refused))
 
-    def _split_replays(
+    def _classify(
         self, cur: Any, accepted: Sequence[Accepted]
     ) -> tuple[list[Accepted], list[Rejection]]:
-        """Records to insert, and replays: a (request, node) already stored (or earlier in
-        this batch) from a different origin. A record without an origin is never a replay."""
-        seen: dict[tuple[str, str], str | None] = {}
-        request_ids = sorted({a.record.envelope.request_id for a in accepted if a.origin})
+        """Records to insert, and the refused: a ``replay`` (a (request, node) already stored,
+        or earlier in this batch, from another message) and ``already_booked`` (another node
+        booked the same request for the same payer). A redelivery of the same message is
+        neither: it is dropped silently. A record without an origin is never a replay."""
+        by_node: dict[tuple[str, str], str | None] = {}
+        booked: set[tuple[str, str | None]] = set()
+        request_ids = sorted({a.record.envelope.request_id for a in accepted})
         for start in range(0, len(request_ids), 500):
             chunk = request_ids[start : start + 500]
             cur.execute(
                 self._sql(
-                    "SELECT request_id, node_id, origin FROM records"  # noqa: S608
+                    "SELECT request_id, node_id, origin, payer, booking FROM records"  # noqa: S608
                     f" WHERE request_id IN ({', '.join('?' for _ in chunk)})"
                 ),
                 chunk,
             )
-            seen.update({(rid, nid): origin for rid, nid, origin in cur.fetchall()})
+            for rid, nid, origin, payer, booking in cur.fetchall():
+                by_node[(rid, nid)] = origin
+                if booking == 1:
+                    booked.add((rid, payer))
         fresh: list[Accepted] = []
-        replays: list[Rejection] = []
+        refused: list[Rejection] = []
         for item in accepted:
-            key = (item.record.envelope.request_id, item.record.envelope.node_id)
+            env = item.record.envelope
+            key = (env.request_id, env.node_id)
+            booking = (env.request_id, None if env.payer is None else env.payer.account)
             origin = None if item.origin is None else str(item.origin)
-            if key not in seen:
-                seen[key] = origin
-                fresh.append(item)
-            elif item.origin is not None and seen[key] not in (None, origin):
-                rejection = Rejected("replay", "already settled from another message", *key)
-                raw = item.record.model_dump_json().encode()
-                replays.append(Rejection(rejection, raw, item.origin))
-        return fresh, replays
+            if key in by_node:
+                if item.origin is not None and by_node[key] not in (None, origin):
+                    refused.append(_refusal("replay", item))
+                continue
+            if booking in booked:
+                if item.origin is not None:
+                    refused.append(_refusal("already_booked", item))
+                continue
+            by_node[key] = origin
+            booked.add(booking)
+            fresh.append(item)
+        return fresh, refused
+
+    def _not_inserted(self, cur: Any, fresh: Sequence[Accepted]) -> list[Rejection]:
+        keys = {(a.record.envelope.request_id, a.record.envelope.node_id) for a in fresh}
+        present: set[tuple[str, str]] = set()
+        request_ids = sorted({rid for rid, _ in keys})
+        for start in range(0, len(request_ids), 500):
+            chunk = request_ids[start : start + 500]
+            cur.execute(
+                self._sql(
+                    "SELECT request_id, node_id FROM records"  # noqa: S608
+                    f" WHERE request_id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            present.update((rid, nid) for rid, nid in cur.fetchall())
+        return [
+            _refusal("already_booked", a)
+            for a in fresh
+            if (a.record.envelope.request_id, a.record.envelope.node_id) not in present
+            and a.origin is not None
+        ]
 
     def count(self) -> int:
         ((n,),) = self._query("SELECT COUNT(*) FROM records")
@@ -214,11 +261,12 @@ class SqlLedger:
     _ORDER: ClassVar[str] = "rowid"
     """Column holding insertion order: SQLite's implicit rowid, PostgreSQL's ``seq``."""
 
-    def unbatched(self, limit: int) -> list[Leaf]:
+    def unbatched(self, limit: int, mode: str = "batch") -> list[Leaf]:
         rows = self._query(
             "SELECT r.request_id, r.node_id, r.leaf_hash, r.envelope_json"  # noqa: S608
-            f" FROM records r WHERE r.batch_id IS NULL ORDER BY r.{self._ORDER} LIMIT ?",
-            (limit,),
+            " FROM records r WHERE r.batch_id IS NULL AND r.settlement_mode = ?"
+            f" ORDER BY r.{self._ORDER} LIMIT ?",
+            (mode, limit),
         )
         return [
             # Rows stored before leaves were kept at insert (ledger v4) compute it here.
@@ -228,12 +276,15 @@ class SqlLedger:
 
     def oldest_unbatched_unix_ms(self) -> int | None:
         ((oldest,),) = self._query(
-            "SELECT MIN(received_unix_ms) FROM records WHERE batch_id IS NULL"
+            "SELECT MIN(received_unix_ms) FROM records"
+            " WHERE batch_id IS NULL AND settlement_mode = 'batch'"
         )
         return None if oldest is None else int(oldest)
 
     def unbatched_count(self) -> int:
-        ((n,),) = self._query("SELECT COUNT(*) FROM records WHERE batch_id IS NULL")
+        ((n,),) = self._query(
+            "SELECT COUNT(*) FROM records WHERE batch_id IS NULL AND settlement_mode = 'batch'"
+        )
         return int(n)
 
     def create_batch(self, root_hex: str, members: Sequence[BatchMember]) -> int:

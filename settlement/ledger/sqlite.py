@@ -101,13 +101,22 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX proofs_pending ON proofs (request_id, node_id) WHERE status = 'pending';
     """,
+    # v5 (wire schema 2): a request is booked once across all nodes, per payer (rows stored
+    # from now on are bookings; older rows keep one row per node); the producer's settlement
+    # mode (batch, individual, private). ``payer`` holds the payer's account (scheme:key).
+    """
+    ALTER TABLE records ADD COLUMN settlement_mode TEXT NOT NULL DEFAULT 'batch';
+    ALTER TABLE records ADD COLUMN booking INTEGER;
+    CREATE UNIQUE INDEX records_one_booking ON records (request_id, COALESCE(payer, ''))
+        WHERE booking = 1;
+    """,
 )
 """Numbered from 1; ``PRAGMA user_version`` holds the last one applied. Append, never edit."""
 
 _INSERT = (
     f"INSERT INTO records ({', '.join(RECORD_COLUMNS)})"  # noqa: S608 (constants only)
     f" VALUES ({', '.join('?' for _ in RECORD_COLUMNS)})"
-    " ON CONFLICT (request_id, node_id) DO NOTHING"
+    " ON CONFLICT DO NOTHING"
 )
 
 

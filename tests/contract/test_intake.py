@@ -26,9 +26,12 @@ from schemas import ErrorReply, InferenceRequest, InferenceResult, MLInput, Repl
 from schemas.settlement import SettlementRecord
 from schemas.signing import verify_envelope_signature
 from schemas.topics import Topics
+from tests.harness.admission import trust_in
+from tests.harness.engines import DIGEST as GATED_DIGEST
 from tests.harness.engines import GatedEngine
 from tests.harness.intake_node import IntakeNode
 from tests.harness.kafka_env import KafkaEnv, end_offsets
+from tests.harness.nodes import TestNode
 from tests.harness.settlement_service import SettlementRun
 from tests.harness.support import settlement_counts
 from worker.intake import IntakeConfig
@@ -86,10 +89,14 @@ async def committed_to_end(
 
 
 def assert_verified(
-    answers: Sequence[InferenceResult], by_id: dict[str, InferenceRequest], node_ids: set[str]
+    answers: Sequence[InferenceResult],
+    by_id: dict[str, InferenceRequest],
+    nodes: Sequence[IntakeNode],
 ) -> None:
+    """Each answer verifies for a verifier that admits exactly ``nodes``."""
+    trust = trust_in((n.keys.node_id, n.keys.chain_address) for n in nodes)
     for reply in answers:
-        report = verify_result(reply, by_id[reply.request_id], expected_node_ids=node_ids)
+        report = verify_result(reply, by_id[reply.request_id], trust=trust)
         assert report.ok, report.as_dict()
 
 
@@ -149,7 +156,7 @@ class IntakeContract:
         await node.stop()
 
         assert sorted(r.request_id for r in answers) == sorted(by_id)  # each exactly once
-        assert_verified(answers, by_id, {node.node_id})
+        assert_verified(answers, by_id, [node])
         records = await settlement_records(kafka, topics, at_least=len(requests))
         assert sorted(r.envelope.request_id for r in records) == sorted(by_id)
         envelopes = {a.request_id: a.envelope for a in answers}
@@ -249,7 +256,12 @@ class IntakeContract:
         requests = make_requests(60)
         early, late = requests[:40], requests[40:]
         by_id = {r.request_id: r for r in requests}
-        settlement = SettlementRun(kafka, topics, tmp_path / "ledger.sqlite3")
+        nodes = [TestNode.seeded(1), TestNode.seeded(2)]  # spawned below with these seeds
+        for node in nodes:
+            key, value = node.registration_message(models=(MODEL,), digest=GATED_DIGEST)
+            async with kafka.producer() as producer:
+                await producer.send_and_wait(topics.registry, value, key=key)
+        settlement = SettlementRun(kafka, topics, tmp_path / "ledger.sqlite3", admitted=nodes)
         service = await settlement.start()
         try:
             await produce(kafka, topics, early)
@@ -277,7 +289,7 @@ class IntakeContract:
 
         # A clean hand-over: every request answered once, by one node or the other.
         assert sorted(r.request_id for r in answers) == sorted(by_id)
-        assert_verified(answers, by_id, {first.node_id, second.node_id})
+        assert_verified(answers, by_id, [first, second])
         by_node = Counter(r.envelope.node_id for r in answers)
         assert by_node[first.node_id] > 0 and by_node[second.node_id] > 0, by_node
         late_ids = {r.request_id for r in late}
@@ -406,7 +418,7 @@ class IntakeContract:
         redelivered = {rid for rid, (p, offset) in where.items() if p == partition and offset >= 1}
         assert sorted(successor.calls) == sorted(redelivered)
         answers = await replies(kafka, topics, n + len(redelivered) - 1)
-        assert_verified(answers, by_id, {first.node_id, second.node_id})
+        assert_verified(answers, by_id, [first, second])
         answered_by: dict[str, list[str]] = defaultdict(list)
         for reply in answers:
             answered_by[reply.request_id].append(reply.envelope.node_id)

@@ -25,7 +25,6 @@ from infra.kafka.ports import BrokerUnavailable, Record, TopicPartition
 from schemas.codec import encode
 from schemas.merkle import MerkleTree
 from schemas.settlement import SettlementRecord
-from schemas.signing import Signer
 from schemas.topics import Topics
 from settlement.batcher import Batcher, BatcherConfig
 from settlement.chain import ChainError
@@ -34,6 +33,7 @@ from settlement.nodes import RegistrySettings
 from tests.harness.chain_env import ChainEnv
 from tests.harness.kafka_audit import AuditedKafka, request_id_of
 from tests.harness.kafka_env import KafkaEnv, end_offsets
+from tests.harness.nodes import TestNode
 from tests.harness.settlement_records import (
     MODEL,
     now_ms,
@@ -44,8 +44,10 @@ from tests.harness.settlement_records import (
 from tests.harness.settlement_service import SettlementRun
 from tests.harness.support import settlement_counts
 
-NODE_A = Signer(bytes([1]) * 32)
-NODE_B = Signer(bytes([2]) * 32)
+NODE_A = TestNode.seeded(1)
+NODE_B = TestNode.seeded(2)
+SELF_REGISTERED = TestNode.seeded(3)
+"""Registers itself on the registry topic like any node, but no authority admitted it."""
 
 
 def ids(prefix: str, n: int) -> list[str]:
@@ -65,8 +67,8 @@ async def publish(
             await producer.send_and_wait(topics.settlement, value, key=key)
 
 
-async def register(kafka: KafkaEnv, topics: Topics, signer: Signer) -> None:
-    key, value = registration(signer)
+async def register(kafka: KafkaEnv, topics: Topics, node: TestNode) -> None:
+    key, value = registration(node)
     async with kafka.producer() as producer:
         await producer.send_and_wait(topics.registry, value, key=key)
 
@@ -111,14 +113,17 @@ class SettlementContract:
     ) -> None:
         topics = await kafka.new_namespace([MODEL])
         await register(kafka, topics, NODE_A)
+        await register(kafka, topics, SELF_REGISTERED)
         valid = [signed_record(NODE_A, rid) for rid in ids("ok", 10)]
         bad_signature = with_bad_signature(signed_record(NODE_A, "bad-sig"))
         unknown_node = signed_record(NODE_B, "unknown-node")
+        not_admitted = signed_record(SELF_REGISTERED, "not-admitted")
         future = signed_record(NODE_A, "future", signed_unix_ms=now_ms() + 3_600_000)
         run = SettlementRun(
             kafka,
             topics,
             tmp_path / "ledger.sqlite3",
+            admitted=[NODE_A],
             registry=RegistrySettings(unknown_node_wait_s=0.1),
         )
         service = await run.start()
@@ -129,6 +134,7 @@ class SettlementContract:
                 b'{"type": "settlement_record", ',
                 *valid[4:7],
                 unknown_node,
+                not_admitted,
                 future,
                 *valid[7:],
             ]
@@ -153,17 +159,18 @@ class SettlementContract:
                 (row,) = ledger.get(record.envelope.request_id)
                 assert row["node_id"] == NODE_A.node_id
                 assert row["output_hash"] == record.envelope.output_hash
-            for rid in ("bad-sig", "unknown-node", "future"):
+            for rid in ("bad-sig", "unknown-node", "not-admitted", "future"):
                 assert ledger.get(rid) == []
             assert ledger.rejection_counts() == {
                 "bad_signature": 1,
                 "not_decodable": 1,
                 "unknown_node": 1,
+                "not_admitted": 1,
                 "future_timestamp": 1,
             }
         finally:
             ledger.close()
-        assert counts == {"verified": 10.0, "stored": 10.0, "rejected": 4.0}
+        assert counts == {"verified": 10.0, "stored": 10.0, "rejected": 5.0}
 
     async def test_a_copy_of_a_stored_record_in_another_message_is_a_replay(
         self, kafka: KafkaEnv, tmp_path: Path
@@ -171,31 +178,38 @@ class SettlementContract:
         topics = await kafka.new_namespace([MODEL])
         first, *rest = [signed_record(NODE_A, rid) for rid in ids("r", 3)]
         same_request_other_node = signed_record(NODE_B, first.envelope.request_id)
-        run = SettlementRun(kafka, topics, tmp_path / "ledger.sqlite3")
+        await register(kafka, topics, NODE_A)
+        await register(kafka, topics, NODE_B)
+        run = SettlementRun(kafka, topics, tmp_path / "ledger.sqlite3", admitted=[NODE_A, NODE_B])
         service = await run.start()
         try:
             ledger = service.ledger
             assert ledger is not None
-            await publish(kafka, topics, [first, *rest, same_request_other_node])
-            await kafka.wait_until(lambda: ledger.count() == 4, "stored once per node")
-            (original,) = [
-                r for r in ledger.get(first.envelope.request_id) if r["node_id"] == NODE_A.node_id
-            ]
+            # Nodes publish on their own partitions: the second answer follows the first.
+            await publish(kafka, topics, [first, *rest])
+            await kafka.wait_until(lambda: ledger.count() == 3, "the first answers stored")
+            await publish(kafka, topics, [same_request_other_node])
+            await kafka.wait_until(
+                lambda: ledger.rejection_counts() == {"already_booked": 1},
+                "the second node's answer to a booked request refused",
+            )
+            assert ledger.count() == 3
+            (original,) = ledger.get(first.envelope.request_id)
             await publish(kafka, topics, [first])
             await kafka.wait_until(
-                lambda: ledger.rejection_counts() == {"replay": 1}, "the copy rejected"
+                lambda: ledger.rejection_counts() == {"already_booked": 1, "replay": 1},
+                "the copy rejected",
             )
             await asyncio.sleep(kafka.quiet_s)
-            assert ledger.count() == 4
-            rows = ledger.get(first.envelope.request_id)
-            assert {r["node_id"] for r in rows} == {NODE_A.node_id, NODE_B.node_id}
-            assert [r for r in rows if r["node_id"] == NODE_A.node_id] == [original]
+            assert ledger.count() == 3
+            assert ledger.get(first.envelope.request_id) == [original]
+            assert original["node_id"] == NODE_A.node_id
             counts = settlement_counts(service)
         finally:
             await run.stop()
-        # The ledger stores the copy as a ``replay`` rejection (docs/PROTOCOL.md §6), so
+        # The ledger stores the copy as a ``replay`` rejection (docs/PROTOCOL.md), so
         # og_settlement_rejections{reason="replay"} counts it, not the redelivery counter.
-        assert counts == {"verified": 5.0, "stored": 4.0, "rejected": 1.0}, (
+        assert counts == {"verified": 5.0, "stored": 3.0, "rejected": 2.0}, (
             "a replay must be counted as a rejection, as the ledger stores it"
         )
 
@@ -205,12 +219,15 @@ class SettlementContract:
         topics = await kafka.new_namespace([MODEL])
         records = [signed_record(NODE_A, rid) for rid in ids("c", 20)]
         valid = {r.envelope.request_id for r in records}
+        await register(kafka, topics, NODE_A)
         await publish(kafka, topics, records)
         ledger_path = tmp_path / "ledger.sqlite3"
 
         audit = LedgerAudit(valid)
         audited = audit.kafka(kafka)
-        crashed = SettlementRun(kafka, topics, ledger_path, kafka=audited, max_batch=5)
+        crashed = SettlementRun(
+            kafka, topics, ledger_path, admitted=[NODE_A], kafka=audited, max_batch=5
+        )
         service = await crashed.start()
         audit.ledger = service.ledger
         (consumer,) = audited.consumers
@@ -226,7 +243,9 @@ class SettlementContract:
         assert 0 < stored_before < len(records)
 
         audit = LedgerAudit(valid)
-        restarted = SettlementRun(kafka, topics, ledger_path, kafka=audit.kafka(kafka))
+        restarted = SettlementRun(
+            kafka, topics, ledger_path, admitted=[NODE_A], kafka=audit.kafka(kafka)
+        )
         service = await restarted.start()
         audit.ledger = service.ledger
         try:
@@ -258,13 +277,16 @@ class SettlementContract:
         valid = {r.envelope.request_id for r in records}
         ledger_path = tmp_path / "ledger.sqlite3"
         audits = [LedgerAudit(valid), LedgerAudit(valid)]
+        await register(kafka, topics, NODE_A)
 
         async def produce_steadily() -> None:
             for start in range(0, len(records), 5):
                 await publish(kafka, topics, records[start : start + 5])
                 await asyncio.sleep(kafka.poll_s)
 
-        first = SettlementRun(kafka, topics, ledger_path, kafka=audits[0].kafka(kafka))
+        first = SettlementRun(
+            kafka, topics, ledger_path, admitted=[NODE_A], kafka=audits[0].kafka(kafka)
+        )
         service = await first.start()
         audits[0].ledger = service.ledger
         producing = asyncio.create_task(produce_steadily())
@@ -276,7 +298,9 @@ class SettlementContract:
             first_counts = settlement_counts(service)
             assert first_counts["stored"] < len(records), "nothing left for the restart"
 
-            second = SettlementRun(kafka, topics, ledger_path, kafka=audits[1].kafka(kafka))
+            second = SettlementRun(
+                kafka, topics, ledger_path, admitted=[NODE_A], kafka=audits[1].kafka(kafka)
+            )
             service = await second.start()
             audits[1].ledger = service.ledger
             try:
@@ -325,12 +349,12 @@ class FakeClock:
         self.now_ms += int(seconds * 1000)
 
 
-def stored_ledger(path: Path, n: int, signer: Signer = NODE_A) -> tuple[Ledger, list[str]]:
+def stored_ledger(path: Path, n: int, node: TestNode = NODE_A) -> tuple[Ledger, list[str]]:
     ledger = open_ledger(str(path))
     rids = ids("b", n)
     ledger.store(
         [
-            Accepted(signed_record(signer, rid), Origin("t.settlement", 0, i))
+            Accepted(signed_record(node, rid), Origin("t.settlement", 0, i))
             for i, rid in enumerate(rids)
         ]
     )

@@ -33,6 +33,9 @@ def test_stack_request_verify_and_down(tmp_path: Path) -> None:
     port, chain_port = free_port(), free_port()
     state = tmp_path / "var"
     stack = ["--state-dir", str(state), "--port", str(port), "--chain-port", str(chain_port)]
+    # Free ports for the services' health servers too (the defaults may be taken here).
+    stack += ["--worker-metrics-port", str(free_port())]
+    stack += ["--settlement-metrics-port", str(free_port())]
     up = _cli("stack", "up", *stack)
     try:
         assert up.returncode == 0, up.stderr

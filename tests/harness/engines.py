@@ -16,7 +16,7 @@ from schemas.requests import ChatInput, MLInput
 from schemas.results import MLOutput, Usage
 from worker.engines.base import EngineResult, RunContext
 
-__all__ = ["GatedEngine"]
+__all__ = ["DIGEST", "GatedEngine"]
 
 DIGEST = "cd" * 32
 

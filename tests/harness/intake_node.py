@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from nacl.public import PrivateKey
 
 from infra.kafka.ports import Kafka, Record, TopicPartition
-from schemas.signing import Signer
 from schemas.topics import Topics
 from tests.harness.engines import GatedEngine
 from tests.harness.kafka_audit import AuditedConsumer, AuditedProducer, request_id_of
 from tests.harness.kafka_env import KafkaEnv
+from tests.harness.nodes import TestNode
 from worker.app import compose_intake
 from worker.intake import Intake, IntakeConfig
 from worker.pipeline import Pipeline
@@ -85,7 +85,8 @@ class IntakeNode:
         self.engine = engine
         self.group = group
         self.config = config
-        self.signer = Signer(bytes([seed]) * 32)
+        self.keys = TestNode.seeded(seed)
+        """Admitted or not as the test decides (``TestNode.seeded(seed)`` names it ahead)."""
         self.audit = CommitAudit(topics)
         self.consumer = AuditedConsumer(
             self.kafka.consumer(group),
@@ -98,11 +99,16 @@ class IntakeNode:
 
     @property
     def node_id(self) -> str:
-        return self.signer.node_id
+        return self.keys.node_id
 
     async def start(self) -> IntakeNode:
         await self.producer.start()
-        pipeline = Pipeline({self.engine.model_name: self.engine}, self.signer, retries=0)
+        pipeline = Pipeline(
+            {self.engine.model_name: self.engine},
+            self.keys.signer,
+            self.keys.chain,
+            retries=0,
+        )
         self.intake = compose_intake(
             self.consumer,
             self.producer,

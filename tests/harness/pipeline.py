@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from schemas.requests import ChatInput, ChatMessage, InferenceRequest, MLInput
+from schemas.requests import ChatInput, ChatMessage, InferenceRequest, MLInput, input_hash
 from schemas.results import ChatOutput, Usage
-from schemas.signing import Signer
+from schemas.signing import ChainSigner, Signer
+from schemas.verify.payer import request_grant, sign_grant
 from worker.engines import EngineResult
 from worker.engines.base import RunContext
 
 __all__ = [
+    "CHAIN_SIGNER",
     "DIGEST",
     "NOW_MS",
     "OUTPUT",
+    "PAYER",
     "SECRET",
     "SIGNER",
     "USAGE",
@@ -29,6 +32,10 @@ DIGEST = "ab" * 32
 SECRET = "secret prompt text"
 """The user's prompt in ``chat_request``: tests search logs and replies for it."""
 SIGNER = Signer(bytes(32))
+PAYER = Signer(b"\x0b" * 32)
+"""The payer of ``chat_request``: its ledger account is ``ed25519:<node id>``."""
+CHAIN_SIGNER = ChainSigner(b"\x07" * 32)
+"""The node's chain account (secp256k1) in these tests."""
 
 OUTPUT = ChatOutput(text="hello back", finish_reason="stop")
 USAGE = Usage(input_tokens=7, output_tokens=3)
@@ -71,14 +78,22 @@ class ScriptedEngine:
 
 
 def chat_request(**overrides: object) -> InferenceRequest:
-    """A chat request for ``demo-lm`` from ``alice`` carrying ``SECRET``; ``overrides`` replace
-    fields (``model``, ``mode``, ...)."""
+    """A chat request for ``demo-lm`` carrying ``SECRET``, paid for by ``PAYER`` (a signed
+    grant); ``overrides`` replace fields (``model``, ``mode``, ...), and ``payer`` may name
+    another key that signs (a ``Signer`` or ``ChainSigner``) or None (no payer)."""
+    payer = overrides.pop("payer", PAYER)
     fields: dict[str, object] = {
         "request_id": "req-p-1",
         "model": "demo-lm",
         "created_unix_ms": NOW_MS - 100,
-        "payer": "alice",
         "payload": ChatInput(messages=[ChatMessage(role="user", content=SECRET)]),
     }
     fields.update(overrides)
-    return InferenceRequest.model_validate(fields)
+    request = InferenceRequest.model_validate(fields)
+    if payer is None:
+        return request
+    assert isinstance(payer, Signer | ChainSigner)
+    payload = request.payload
+    assert isinstance(payload, ChatInput | MLInput)
+    grant = request_grant(request, payload, input_hash(payload))
+    return request.model_copy(update={"payer": sign_grant(grant, payer)})

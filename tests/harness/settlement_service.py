@@ -2,11 +2,13 @@
 
 ``SettlementRun`` builds a ``SettlementService`` on a ``KafkaEnv`` (optionally through an
 ``AuditedKafka``), runs it as a task and stops it as the CLI does (``stop``, then ``close``).
+Its admission authority (a signed list beside the ledger) admits the ``admitted`` nodes only.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from pathlib import Path
 
 from infra.kafka.ports import Kafka
@@ -15,7 +17,9 @@ from schemas.topics import Topics
 from settlement.app import SettlementService
 from settlement.nodes import RegistrySettings
 from settlement.settings import SettlementSettings
+from tests.harness.admission import AdmissionFile
 from tests.harness.kafka_env import KafkaEnv, TansuEnv
+from tests.harness.nodes import TestNode
 
 __all__ = ["SettlementRun"]
 
@@ -28,17 +32,21 @@ class SettlementRun:
         ledger_path: Path,
         *,
         group: str | None = None,
+        admitted: Iterable[TestNode] = (),
         registry: RegistrySettings | None = None,
         kafka: Kafka | None = None,
         max_batch: int = 500,
     ) -> None:
+        self.admission = AdmissionFile(ledger_path.with_name("admission.json"))
+        self.admission.admit_all((n.node_id, n.chain_address) for n in admitted)
         settings = SettlementSettings(
             namespace=topics.namespace,
             # Used for the health probe only; clients come from ``kafka``.
             kafka=env.settings if isinstance(env, TansuEnv) else KafkaSettings(),
             group_id=group or f"{topics.namespace}-settlement",
             ledger_url=str(ledger_path),
-            registry=registry or RegistrySettings(required=False),
+            registry=registry or RegistrySettings(),
+            admission=self.admission.settings(),
             max_batch=max_batch,
             anchor=False,
         )

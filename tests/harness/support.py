@@ -61,51 +61,21 @@ async def eventually(
 async def register_node(
     bootstrap: str,
     registry_topic: str,
-    signer: Any,
+    node: Any,
     *,
     models: tuple[str, ...] = ("demo-mlp",),
     heartbeat_interval_s: float = 3600.0,
 ) -> None:
-    """Publish a valid registration for ``signer`` (a ``schemas.signing.Signer``), as a
-    worker would, so settlement accepts records it signs. A long heartbeat interval keeps it
-    fresh for the whole test."""
-    import time
-
+    """Publish a valid registration for ``node`` (a ``tests.harness.nodes.TestNode``), as a
+    worker would; settlement accepts its records once the authority admits it too. A long
+    heartbeat interval keeps it fresh for the whole test."""
     from aiokafka import AIOKafkaProducer
 
-    from schemas.base import VerificationMode
-    from schemas.codec import encode
-    from schemas.registry import (
-        REGISTRATION_DOMAIN,
-        NodeRegistration,
-        RegisteredModel,
-        RegistrationRecord,
-        registration_key,
-    )
-
-    now_ms = time.time_ns() // 1_000_000
-    registration = NodeRegistration(
-        node_id=signer.node_id,
-        x25519_public_key="00" * 32,
-        chain_address="0x" + "00" * 20,
-        models=[
-            RegisteredModel(name=m, digest="ab" * 32, modes=[VerificationMode.VANILLA])
-            for m in models
-        ],
-        software_version="test",
-        started_unix_ms=now_ms - 60_000,
-        heartbeat_unix_ms=now_ms,
-        heartbeat_interval_s=heartbeat_interval_s,
-    )
-    record = RegistrationRecord(
-        registration=registration, signature=signer.sign(REGISTRATION_DOMAIN, registration)
-    )
+    key, value = node.registration_message(models=models, heartbeat_interval_s=heartbeat_interval_s)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
-        await producer.send_and_wait(
-            registry_topic, encode(record), key=registration_key(signer.node_id)
-        )
+        await producer.send_and_wait(registry_topic, value, key=key)
     finally:
         await producer.stop()
 

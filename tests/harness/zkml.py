@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from schemas.base import VerificationMode
+from schemas.base import SettlementMode, VerificationMode
 from schemas.requests import MLInput, Tensor, input_hash
 from schemas.results import MLOutput, ResultEnvelope, Usage, output_hash
 from schemas.signing import Signer
@@ -63,6 +63,10 @@ def result_envelope(payload: MLInput, output: MLOutput, circuit: PreparedCircuit
         usage=Usage(),
         node_id=SIGNER.node_id,
         signed_unix_ms=NOW_MS,
+        settlement=SettlementMode.BATCH,
+        request_created_unix_ms=NOW_MS - 100,
+        max_output_tokens=None,
+        payer=None,
     )
 
 

@@ -15,8 +15,10 @@ from infra.kafka.admin import ensure_topics
 from schemas.topics import standard_topics
 from settlement.app import SettlementService
 from settlement.settings import SettlementSettings
+from tests.harness.admission import AdmissionFile
 from tests.harness.support import fast_kafka
 from worker.app import Worker
+from worker.identity import chain_address, node_signer
 from worker.settings import WorkerSettings
 
 MODELS = ["demo-mlp", "demo-lm"]
@@ -30,10 +32,20 @@ async def namespace(broker: BrokerProcess) -> str:
 
 
 @pytest.fixture
+def admission(tmp_path: Path) -> AdmissionFile:
+    """The test deployment's pinned authority: it admits ``worker_settings``' node only."""
+    return AdmissionFile(tmp_path / "admission.json")
+
+
+@pytest.fixture
 def worker_settings(
-    broker: BrokerProcess, namespace: str, demo_hub: Path, tmp_path: Path
+    broker: BrokerProcess,
+    namespace: str,
+    demo_hub: Path,
+    tmp_path: Path,
+    admission: AdmissionFile,
 ) -> WorkerSettings:
-    return WorkerSettings(
+    settings = WorkerSettings(
         namespace=namespace,
         kafka=fast_kafka(broker.bootstrap),
         group_id=f"{namespace}-workers",
@@ -41,18 +53,22 @@ def worker_settings(
         hub_dir=demo_hub,
         cache_dir=tmp_path / "cache",
         key_dir=tmp_path / "keys",
+        admission=admission.settings(),
     )
+    admission.admit(node_signer(settings).node_id, chain_address(settings))
+    return settings
 
 
 @pytest.fixture
 def settlement_settings(
-    broker: BrokerProcess, namespace: str, tmp_path: Path
+    broker: BrokerProcess, namespace: str, tmp_path: Path, admission: AdmissionFile
 ) -> SettlementSettings:
     return SettlementSettings(
         namespace=namespace,
         kafka=fast_kafka(broker.bootstrap),
         group_id=f"{namespace}-settlement",
         ledger_url=str(tmp_path / "ledger.sqlite3"),
+        admission=admission.settings(),
     )
 
 

@@ -30,6 +30,7 @@ from infra.dev.anvil import (
 )
 from infra.dev.anvil import ChainError as AnvilError
 from infra.dev.broker import free_port
+from schemas.merkle import LEAF_TYPES, MerkleTree, leaf_hash
 from settlement.chain import (
     Anchored,
     ChainError,
@@ -212,21 +213,32 @@ async def test_only_the_relayer_may_settle(anvil: AnvilProcess, contract_address
         await intruder.close()
 
 
-async def test_verify_inclusion_of_a_standard_merkle_tree(chain: SettlementChain) -> None:
-    values = [root_of(f"record-{i}") for i in range(4)]
-    tree, positions = oz_tree(values)
-    root = tree[0]
-    leaf = oz_leaf(values[2])
-    proof = oz_proof(tree, positions[leaf])
+async def test_verify_record_of_a_standard_merkle_tree(chain: SettlementChain) -> None:
+    records = [[root_of(f"record-{i}-field-{f}") for f in range(5)] for i in range(4)]
+    leaves = [leaf_hash(LEAF_TYPES, values) for values in records]
+    tree = MerkleTree(leaves)
 
-    assert not await chain.verify_inclusion(root, leaf, proof)  # not settled yet
-    await chain.settle_batch(root, len(values), REF)
-    assert await chain.verify_inclusion(root, leaf, proof)
-    for value in values:
-        other = oz_leaf(value)
-        assert await chain.verify_inclusion(root, other, oz_proof(tree, positions[other]))
-    assert not await chain.verify_inclusion(root, oz_leaf(root_of("stranger")), proof)
-    assert not await chain.verify_inclusion(root_of("unsettled"), leaf, proof)
+    assert not await chain.verify_record(tree.root, records[2], tree.proof(leaves[2]))
+    await chain.settle_batch(tree.root, len(records), REF)
+    for values, leaf in zip(records, leaves, strict=True):
+        assert await chain.verify_record(tree.root, values, tree.proof(leaf))
+    stranger = [root_of(f"stranger-{f}") for f in range(5)]
+    assert not await chain.verify_record(tree.root, stranger, tree.proof(leaves[2]))
+    assert not await chain.verify_record(root_of("unsettled"), records[2], tree.proof(leaves[2]))
+
+
+async def test_an_inner_node_never_passes_as_a_record(chain: SettlementChain) -> None:
+    """The attack the contract's fields-only API closes: with (root, leaf, proof), the hash of
+    two leaves plus the path above it "proves" a record that was never settled."""
+    records = [[root_of(f"inner-{i}-{f}") for f in range(5)] for i in range(4)]
+    leaves = [leaf_hash(LEAF_TYPES, values) for values in records]
+    tree = MerkleTree(leaves)
+    await chain.settle_batch(tree.root, len(records), REF)
+    first, second = tree.leaves[0], tree.leaves[1]
+    inner = min(first, second) + max(first, second)
+    # Nothing can present the inner node as five leaf fields whose leaf hash equals it.
+    fake_fields = [inner[:32], inner[32:], b"\0" * 32, b"\0" * 32, b"\0" * 32]
+    assert not await chain.verify_record(tree.root, fake_fields, tree.proof(first)[1:])
 
 
 def test_hand_built_tree_matches_openzeppelin_merkle_tree() -> None:

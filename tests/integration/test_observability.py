@@ -43,10 +43,11 @@ from infra.tracing import TraceContext, Tracing
 from nodecli.check import check
 from schemas import MLInput, Tensor, Topics, encode
 from schemas.requests import InferenceRequest
+from schemas.signing import ChainSigner
 from schemas.topics import standard_topics
 from tests.harness.support import eventually, read_topic
 from worker.app import compose_intake, load_engines
-from worker.identity import dlq_public_key, node_signer
+from worker.identity import chain_key, dlq_public_key, node_signer
 from worker.intake import Intake, IntakeConfig
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Pipeline
@@ -85,7 +86,7 @@ async def _worker(settings: WorkerSettings) -> AsyncIterator[_Node]:
     intake = compose_intake(
         consumer,
         producer,
-        Pipeline(engines, node_signer(settings)),
+        Pipeline(engines, node_signer(settings), ChainSigner(chain_key(settings))),
         settings.topics,
         IntakeConfig(metrics_interval_s=0.2),
         dlq_key=dlq_public_key(settings),

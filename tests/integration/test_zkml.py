@@ -33,6 +33,7 @@ from schemas.signing import Signer
 from settlement.app import SettlementService
 from settlement.ledger import Accepted, Ledger, Origin, PostgresLedger, ProofEntry, SqliteLedger
 from settlement.settings import ProofSettings, SettlementSettings
+from tests.harness.pipeline import CHAIN_SIGNER
 from tests.harness.support import eventually, fast_kafka, read_topic, register_node
 from worker.app import compose_intake
 from worker.intake import Intake, IntakeConfig
@@ -106,7 +107,7 @@ async def _start_worker(
     circuits = await prepare_circuits(zk, cache, list(engines), cache_dir)  # cached: fast
     handler = ZkmlModeHandler(circuits, SIGNER, proof_publisher(producer, topics), zk)
     handler.start()
-    pipeline = Pipeline(engines, SIGNER, modes={VerificationMode.ZKML: handler})
+    pipeline = Pipeline(engines, SIGNER, CHAIN_SIGNER, modes={VerificationMode.ZKML: handler})
     kafka = ClusterKafka(fast_kafka(broker.bootstrap))
     consumer = kafka.consumer(f"{namespace}-workers")
     intake = compose_intake(

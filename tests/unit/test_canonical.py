@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.base import VerificationMode
+from schemas.base import SettlementMode, VerificationMode
 from schemas.canonical import canonical_bytes, reference_canonical_bytes, sha256_hex
 from schemas.codec import encode
 from schemas.requests import (
@@ -211,7 +211,6 @@ def _ml_request(tensors: dict[str, Tensor]) -> InferenceRequest:
         request_id="req-1",
         model="demo-mlp",
         created_unix_ms=1_700_000_000_000,
-        payer="alice",
         payload=MLInput(tensors=tensors),
     )
 
@@ -237,6 +236,10 @@ ENVELOPE = ResultEnvelope(
     usage=Usage(input_tokens=3, output_tokens=5),
     node_id="d" * 64,
     signed_unix_ms=1_700_000_000_000,
+    settlement=SettlementMode.BATCH,
+    request_created_unix_ms=1_699_999_999_000,
+    max_output_tokens=16,
+    payer=None,
 )
 
 
@@ -261,7 +264,7 @@ def test_enum_and_none_fields_are_in_the_canonical_form() -> None:
     doc = json.loads(canonical_bytes(ENVELOPE))
     assert doc["mode"] == "VANILLA"
     assert doc["payer"] is None
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
 
 
 def test_input_hash_survives_wire_round_trip_for_chat() -> None:

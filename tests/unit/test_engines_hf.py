@@ -15,6 +15,7 @@ import pytest
 from schemas.requests import ChatInput, InferenceRequest
 from schemas.results import ChatOutput, ErrorCode, InferenceResult, StreamChunk
 from schemas.signing import Signer
+from tests.harness.pipeline import CHAIN_SIGNER
 from worker.engines import load_engine
 from worker.engines.base import Delta, Engine, RunContext
 from worker.engines.hf import (
@@ -119,7 +120,9 @@ async def test_streamed_request_through_the_pipeline(lm: Engine) -> None:
     async def sink(chunk: StreamChunk) -> None:
         chunks.append(chunk)
 
-    pipeline = Pipeline({"demo-lm": lm}, Signer(b"\x02" * 32), clock_ms=lambda: NOW_MS)
+    pipeline = Pipeline(
+        {"demo-lm": lm}, Signer(b"\x02" * 32), CHAIN_SIGNER, clock_ms=lambda: NOW_MS
+    )
     request = InferenceRequest(
         request_id="stream-1",
         model="demo-lm",

@@ -16,6 +16,7 @@ from infra.dev.demo_models import add_model
 from schemas.requests import InferenceRequest, MLInput
 from schemas.results import ErrorCode, ErrorReply, InferenceResult, MLOutput
 from schemas.signing import Signer
+from tests.harness.pipeline import CHAIN_SIGNER
 from worker.engines import load_engine
 from worker.engines.onnx import _SESSIONS, OnnxEngine
 from worker.errors import PermanentError
@@ -172,7 +173,9 @@ def test_fixed_point_is_refused_outside_float_tensors() -> None:
 
 
 async def test_validation_errors_become_error_replies(engine: OnnxEngine) -> None:
-    pipeline = Pipeline({"typed": engine}, Signer(b"\x01" * 32), clock_ms=lambda: NOW_MS)
+    pipeline = Pipeline(
+        {"typed": engine}, Signer(b"\x01" * 32), CHAIN_SIGNER, clock_ms=lambda: NOW_MS
+    )
 
     def request(payload: dict[str, Any]) -> InferenceRequest:
         return InferenceRequest.model_validate(

@@ -15,33 +15,30 @@ from schemas.settlement import SettlementRecord
 from schemas.signing import Signer
 from schemas.verify.record import Rejected
 from settlement.ledger import Accepted, Origin, Rejection, SqliteLedger
+from tests.harness.nodes import TestNode
 
 NOW_MS = 1_700_000_000_000
 SKEW_S = 5.0
-SIGNER = Signer(b"\x01" * 32)
-OTHER = Signer(b"\x02" * 32)
+SIGNER = TestNode.seeded(1)
+OTHER = TestNode.seeded(2)
 
 
-def _envelope(signer: Signer = SIGNER, **overrides: object) -> ResultEnvelope:
+PAYER = Signer(b"\x0b" * 32)
+
+
+def _record(node: TestNode = SIGNER, **overrides: object) -> SettlementRecord:
     fields: dict[str, object] = {
-        "request_id": "req-s-1",
-        "model_id": "demo-mlp",
         "model_digest": "a" * 64,
-        "mode": "VANILLA",
         "input_hash": "b" * 64,
         "output_hash": "c" * 64,
         "usage": Usage(input_tokens=2, output_tokens=9),
-        "payer": "alice",
-        "node_id": signer.node_id,
+        "max_output_tokens": 16,
+        "payer": PAYER,
         "signed_unix_ms": NOW_MS,
+        "request_created_unix_ms": NOW_MS - 1000,
     }
     fields.update(overrides)
-    return ResultEnvelope.model_validate(fields)
-
-
-def _record(signer: Signer = SIGNER, **overrides: object) -> SettlementRecord:
-    envelope = _envelope(signer, **overrides)
-    return SettlementRecord(envelope=envelope, signature=signer.sign_envelope(envelope))
+    return node.record(str(fields.pop("request_id", "req-s-1")), **fields)
 
 
 # --- SqliteLedger ----------------------------------------------------------------------------
@@ -85,11 +82,18 @@ def test_duplicate_within_one_batch_is_stored_once(ledger: SqliteLedger) -> None
     assert ledger.count() == 1
 
 
-def test_same_request_from_two_nodes_is_two_rows(ledger: SqliteLedger) -> None:
-    assert ledger.store(_accepted(_record(SIGNER), _record(OTHER))).inserted == 2
-    assert ledger.count() == 2
-    rows = ledger.get("req-s-1")
-    assert {row["node_id"] for row in rows} == {SIGNER.node_id, OTHER.node_id}
+def test_a_request_is_booked_once_whichever_nodes_answer_it(ledger: SqliteLedger) -> None:
+    # Two nodes answered (a rebalance redelivered the request): the payer pays one of them.
+    first, second = _record(SIGNER), _record(OTHER)
+    stored = ledger.store([Accepted(first, Origin("og.settlement", 0, 1))])
+    assert stored.inserted == 1
+    stored = ledger.store([Accepted(second, Origin("og.settlement", 1, 1))])
+    assert (stored.inserted, stored.refused) == (0, ("already_booked",))
+    assert [row["node_id"] for row in ledger.get("req-s-1")] == [SIGNER.node_id]
+    assert ledger.rejection_counts() == {"already_booked": 1}
+    # Another payer's request of the same id is another booking.
+    other_payer = _record(OTHER, payer=Signer(b"\x0c" * 32))
+    assert ledger.store([Accepted(other_payer, Origin("og.settlement", 1, 2))]).inserted == 1
 
 
 def test_rejections_are_counted_by_reason(ledger: SqliteLedger) -> None:
@@ -147,7 +151,8 @@ def test_reopening_keeps_rows_and_schema_version(ledger_path: Path) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
     finally:
         db.close()
-    assert version == 4  # v1 records + rejections, v2 Merkle batches, v3 origins, v4 proofs
+    # v1 records + rejections, v2 Merkle batches, v3 origins, v4 proofs, v5 bookings
+    assert version == 5
 
 
 def test_get_returns_row_with_parseable_envelope(ledger: SqliteLedger) -> None:
@@ -161,7 +166,7 @@ def test_get_returns_row_with_parseable_envelope(ledger: SqliteLedger) -> None:
     assert row["node_id"] == SIGNER.node_id
     assert row["mode"] == "VANILLA"
     assert (row["input_tokens"], row["output_tokens"]) == (2, 9)
-    assert row["payer"] == "alice"
+    assert row["payer"] == f"ed25519:{PAYER.node_id}"
     assert row["signed_unix_ms"] == NOW_MS
     assert ledger.get("no-such-request") == []
 
@@ -178,7 +183,7 @@ def test_failed_batch_stores_nothing(ledger: SqliteLedger) -> None:
 def test_replay_from_another_message_is_rejected_but_redelivery_is_not(
     ledger: SqliteLedger,
 ) -> None:
-    record = _record(Signer(bytes([9]) * 32))
+    record = _record(TestNode.seeded(9))
     assert ledger.store(_accepted(record, origins=("og.settlement/0/5",))).inserted == 1
     # The same message again (a redelivery after a crash): nothing new, nothing rejected.
     assert ledger.store(_accepted(record, origins=("og.settlement/0/5",))).inserted == 0
@@ -193,6 +198,6 @@ def test_replay_from_another_message_is_rejected_but_redelivery_is_not(
 
 
 def test_replay_within_one_batch(ledger: SqliteLedger) -> None:
-    record = _record(Signer(bytes([8]) * 32))
+    record = _record(TestNode.seeded(8))
     assert ledger.store(_accepted(record, record, origins=("t/0/1", "t/0/2"))).inserted == 1
     assert ledger.rejection_counts() == {"replay": 1}

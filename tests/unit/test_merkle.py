@@ -122,6 +122,10 @@ def test_envelope_leaf_values() -> None:
         usage=Usage(input_tokens=1, output_tokens=2),
         node_id="d" * 64,
         signed_unix_ms=1_700_000_000_000,
+        settlement="batch",  # type: ignore[arg-type]
+        request_created_unix_ms=1_699_999_999_000,
+        max_output_tokens=None,
+        payer=None,
     )
     values = leaf_values(envelope)
     assert values == (

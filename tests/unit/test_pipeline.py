@@ -20,8 +20,10 @@ from schemas.results import (
     output_hash,
 )
 from schemas.settlement import SettlementRecord
-from schemas.signing import verify_envelope_signature
+from schemas.signing import envelope_digest, verify_chain_signature, verify_envelope_signature
 from tests.harness.pipeline import (
+    PAYER,
+    CHAIN_SIGNER,
     DIGEST,
     NOW_MS,
     OUTPUT,
@@ -39,7 +41,12 @@ from worker.pipeline import Outcome, Pipeline
 
 def _pipeline(engine: Engine, *, retries: int = 2) -> Pipeline:
     return Pipeline(
-        {"demo-lm": engine}, SIGNER, retries=retries, retry_backoff_s=0, clock_ms=lambda: NOW_MS
+        {"demo-lm": engine},
+        SIGNER,
+        CHAIN_SIGNER,
+        retries=retries,
+        retry_backoff_s=0,
+        clock_ms=lambda: NOW_MS,
     )
 
 
@@ -173,10 +180,15 @@ async def test_success_with_scripted_engine() -> None:
     assert env.input_hash == input_hash(request.payload)
     assert env.output_hash == output_hash(OUTPUT)
     assert env.usage == USAGE
-    assert env.payer == "alice"
+    assert env.payer == request.payer
+    assert env.payer is not None and env.payer.account == f"ed25519:{PAYER.node_id}"
     assert env.node_id == SIGNER.node_id
     assert env.signed_unix_ms == NOW_MS
+    assert env.request_created_unix_ms == request.created_unix_ms
     assert verify_envelope_signature(env, reply.signature)
+    digest = envelope_digest(env)
+    assert verify_chain_signature(digest, reply.chain_signature, CHAIN_SIGNER.address)
+    assert outcome.record.chain_signature == reply.chain_signature
 
 
 async def test_success_without_payer() -> None:
@@ -197,7 +209,6 @@ def _ml_request(data: list[bool | int | float | str]) -> InferenceRequest:
         request_id="req-p-1",
         model="demo-mlp",
         created_unix_ms=NOW_MS - 100,
-        payer="bob",
         payload=MLInput(tensors={"x": Tensor(dtype="float32", shape=[1, 4], data=data)}),
     )
 
@@ -207,7 +218,7 @@ async def onnx_pipeline(demo_hub: Path, tmp_path: Path) -> tuple[Pipeline, Engin
     hub = LocalHub(demo_hub)
     ref = hub.resolve("demo-mlp")
     engine = await load_engine(ref, hub.materialize(ref, tmp_path))
-    return Pipeline({"demo-mlp": engine}, SIGNER, clock_ms=lambda: NOW_MS), engine
+    return Pipeline({"demo-mlp": engine}, SIGNER, CHAIN_SIGNER, clock_ms=lambda: NOW_MS), engine
 
 
 async def test_onnx_success_commits_to_real_output(
@@ -223,9 +234,11 @@ async def test_onnx_success_commits_to_real_output(
     assert env.model_digest == engine.model_digest
     assert env.input_hash == input_hash(request.payload)
     assert env.output_hash == output_hash(reply.output)
-    assert env.payer == "bob"
+    assert env.payer is None
     assert env.node_id == SIGNER.node_id
-    assert outcome.record == SettlementRecord(envelope=env, signature=reply.signature)
+    assert outcome.record == SettlementRecord(
+        envelope=env, signature=reply.signature, chain_signature=reply.chain_signature
+    )
     assert verify_envelope_signature(env, reply.signature)
 
     # Same input, same model: same output hash (the signed commitment is reproducible).
@@ -294,6 +307,7 @@ async def test_a_stuck_engine_is_aborted_and_answered_timeout_at_the_node_limit(
     pipeline = Pipeline(
         {"demo-lm": engine},  # type: ignore[dict-item]
         SIGNER,
+        CHAIN_SIGNER,
         clock_ms=lambda: NOW_MS,
         max_execution_s=0.05,
     )
@@ -308,6 +322,7 @@ async def test_a_stuck_engine_is_answered_deadline_exceeded_at_the_request_deadl
     pipeline = Pipeline(
         {"demo-lm": engine},  # type: ignore[dict-item]
         SIGNER,
+        CHAIN_SIGNER,
         clock_ms=lambda: clock[0],
         max_execution_s=60,
     )

@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.public import PrivateKey
 
-from schemas.base import VerificationMode
+from schemas.base import SettlementMode, VerificationMode
 from schemas.requests import ChatInput, ChatMessage, InferenceRequest
-from schemas.results import ErrorCode, ErrorReply, InferenceResult, SealedResult
+from schemas.results import ErrorCode, ErrorReply, InferenceResult, SealedReply, SealedResult
 from schemas.sealed import SealedInput
 from schemas.sealing import (
     BadCiphertext,
@@ -19,10 +21,13 @@ from schemas.sealing import (
     NotARecipient,
     Opened,
     SealedReplyError,
+    SealedRequest,
     seal_request,
 )
+from schemas.signing import verify_error_signature
 from schemas.verify.result import verify_result
-from tests.harness.pipeline import NOW_MS, OUTPUT, SIGNER, ScriptedEngine
+from tests.harness.admission import trust_in
+from tests.harness.pipeline import CHAIN_SIGNER, NOW_MS, OUTPUT, SIGNER, ScriptedEngine
 from worker.pipeline import Outcome, Pipeline
 
 CANARY = "canary-7f3a the launch code is 0000"
@@ -45,6 +50,7 @@ def _pipeline(engine: ScriptedEngine, **kwargs: object) -> Pipeline:
     return Pipeline(
         {"demo-lm": engine},
         SIGNER,
+        CHAIN_SIGNER,
         retry_backoff_s=0,
         clock_ms=lambda: NOW_MS,
         sealer=NODE,
@@ -128,10 +134,11 @@ async def test_pipeline_answers_a_sealed_request_with_a_sealed_result() -> None:
     assert OUTPUT.text not in outcome.reply.model_dump_json()
     opened = sealed.open(outcome.reply)
     assert opened.output == OUTPUT
-    report = verify_result(opened, sealed.request, plaintext=sealed.plaintext)
+    trust = trust_in([(SIGNER.node_id, CHAIN_SIGNER.address)], NOW_MS)
+    report = verify_result(opened, sealed.request, trust=trust, plaintext=sealed.plaintext)
     assert report.ok, report.as_dict()
     # Without the plaintext the input hash (over the sealed envelope) does not match.
-    assert not verify_result(opened, sealed.request).ok
+    assert not verify_result(opened, sealed.request, trust=trust).ok
 
 
 async def test_a_sealed_result_opens_only_with_its_own_key() -> None:
@@ -148,11 +155,20 @@ async def test_a_sealed_result_opens_only_with_its_own_key() -> None:
         sealed.open(forged)
 
 
-def _code(outcome: Outcome) -> ErrorCode:
-    assert isinstance(outcome.reply, ErrorReply), outcome.reply
+def _code(outcome: Outcome, sealed: SealedRequest | None = None) -> ErrorCode:
+    """The error's code; a sealed request's error is sealed to its key and opened here."""
     assert outcome.record is None
-    assert CANARY not in outcome.reply.message
-    return outcome.reply.code
+    reply = outcome.reply
+    if sealed is not None:
+        assert isinstance(reply, SealedReply), reply
+        assert CANARY not in reply.model_dump_json()
+        opened = sealed.open_reply(reply)
+        assert isinstance(opened, ErrorReply)
+        assert verify_error_signature(opened)
+        reply = opened
+    assert isinstance(reply, ErrorReply), reply
+    assert CANARY not in reply.message
+    return reply.code
 
 
 async def test_pipeline_typed_errors_for_sealed_requests() -> None:
@@ -160,23 +176,69 @@ async def test_pipeline_typed_errors_for_sealed_requests() -> None:
     pipeline = _pipeline(engine)
     not_mine = seal_request(_request(), [OTHER.public_key_hex])
     outcome = await pipeline.handle(not_mine.request)
-    assert _code(outcome) is ErrorCode.NOT_A_RECIPIENT
-    assert isinstance(outcome.reply, ErrorReply) and outcome.reply.retryable
+    assert _code(outcome, not_mine) is ErrorCode.NOT_A_RECIPIENT
+    opened = not_mine.open_reply(outcome.reply)  # type: ignore[arg-type]
+    assert isinstance(opened, ErrorReply) and opened.retryable
 
     sealed = seal_request(_request(), [NODE.public_key_hex])
     payload = sealed.request.payload
     assert isinstance(payload, SealedInput)
     tampered = payload.model_copy(update={"ciphertext": _flip(payload.ciphertext, 30)})
-    assert _code(await pipeline.handle(_with_payload(sealed.request, tampered))) is (
+    assert _code(await pipeline.handle(_with_payload(sealed.request, tampered)), sealed) is (
         ErrorCode.BAD_CIPHERTEXT
     )
 
-    streamed = seal_request(_request(stream=True), [NODE.public_key_hex])
-    assert _code(await pipeline.handle(streamed.request)) is ErrorCode.INVALID_REQUEST
-
     zkml = seal_request(_request(mode=VerificationMode.ZKML), [NODE.public_key_hex])
-    assert _code(await pipeline.handle(zkml.request)) is ErrorCode.UNSUPPORTED_MODE
+    assert _code(await pipeline.handle(zkml.request), zkml) is ErrorCode.UNSUPPORTED_MODE
     assert engine.calls == []
+
+
+_REDIRECTS: dict[str, object] = {
+    "reply_to": "attacker.replies",
+    "mode": VerificationMode.TEE,
+    "settlement": SettlementMode.PRIVATE,
+    "created_unix_ms": NOW_MS - 50,
+    "deadline_unix_ms": NOW_MS + 60_000,
+    "stream": True,
+}
+
+
+@given(field=st.sampled_from(sorted(_REDIRECTS)))
+@settings(max_examples=20, deadline=None)
+async def test_a_sealed_request_whose_clear_fields_were_rewritten_is_refused(field: str) -> None:
+    # The attacker copies a sealed request off the topic and changes where (or how) it is
+    # answered: the node refuses without running it, and says so only to the sealed key.
+    engine = ScriptedEngine()
+    pipeline = _pipeline(engine, modes={VerificationMode.TEE: _AcceptAll()})
+    sealed = seal_request(_request(reply_to="alice.replies"), [NODE.public_key_hex])
+    rewritten = sealed.request.model_copy(update={field: _REDIRECTS[field]})
+    outcome = await pipeline.handle(rewritten)
+    assert _code(outcome, sealed) is ErrorCode.SEALED_MISMATCH
+    assert engine.calls == []
+
+
+async def test_a_sealed_reply_key_swapped_for_the_attackers_is_refused() -> None:
+    sealed = seal_request(_request(), [NODE.public_key_hex])
+    payload = sealed.request.payload
+    assert isinstance(payload, SealedInput)
+    attacker = PrivateKey.generate().public_key.encode().hex()
+    swapped = _with_payload(
+        sealed.request, payload.model_copy(update={"reply_public_key": attacker})
+    )
+    engine = ScriptedEngine()
+    outcome = await _pipeline(engine).handle(swapped)
+    assert engine.calls == []
+    assert outcome.error_code is ErrorCode.SEALED_MISMATCH
+    assert isinstance(outcome.reply, SealedReply)  # sealed to the attacker's key: says only
+    assert OUTPUT.text not in outcome.reply.model_dump_json()  # that it was refused
+
+
+class _AcceptAll:
+    def accepts(self, model: str) -> bool:
+        return True
+
+    def signed(self, *args: object) -> object:
+        raise AssertionError("never reached: the request is refused before it runs")
 
 
 async def test_private_model_refuses_unsealed_requests() -> None:
@@ -189,9 +251,11 @@ async def test_private_model_refuses_unsealed_requests() -> None:
 
 
 async def test_node_without_a_sealing_key_refuses_sealed_requests() -> None:
-    pipeline = Pipeline({"demo-lm": ScriptedEngine()}, SIGNER, clock_ms=lambda: NOW_MS)
+    pipeline = Pipeline(
+        {"demo-lm": ScriptedEngine()}, SIGNER, CHAIN_SIGNER, clock_ms=lambda: NOW_MS
+    )
     sealed = seal_request(_request(), [NODE.public_key_hex])
-    assert _code(await pipeline.handle(sealed.request)) is ErrorCode.NOT_A_RECIPIENT
+    assert _code(await pipeline.handle(sealed.request), sealed) is ErrorCode.NOT_A_RECIPIENT
     plain = await pipeline.handle(_request())
     assert isinstance(plain.reply, InferenceResult)
 
@@ -207,16 +271,20 @@ def test_stream_chunks_reassemble_out_of_order_and_detect_gaps() -> None:
     from schemas.requests import FunctionCall, ToolCall, ToolCallDelta
     from schemas.results import ChatOutput, StreamChunk
 
+    def chunk(index: int, **fields: object) -> StreamChunk:
+        return StreamChunk(
+            request_id="r", index=index, node_id=SIGNER.node_id, signature="00" * 64, **fields
+        )
+
     chunks = [
-        StreamChunk(request_id="r", index=1, text="lo, "),
-        StreamChunk(request_id="r", index=0, text="Hel"),
-        StreamChunk(
-            request_id="r",
-            index=2,
+        chunk(1, text="lo, "),
+        chunk(0, text="Hel"),
+        chunk(
+            2,
             text="world",
             tool_calls=[ToolCallDelta(index=0, id="c1", name="f", arguments='{"a":')],
         ),
-        StreamChunk(request_id="r", index=3, tool_calls=[ToolCallDelta(index=0, arguments="1}")]),
+        chunk(3, tool_calls=[ToolCallDelta(index=0, arguments="1}")]),
     ]
     final = ChatOutput(
         text="Hello, world",

@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from schemas.base import VerificationMode
+from schemas.base import SettlementMode, VerificationMode
+from schemas.payer import Payer
 from schemas.requests import InferenceRequest, MLInput, Tensor, input_hash
 from schemas.results import InferenceResult, MLOutput, ResultEnvelope, Usage, output_hash
-from schemas.signing import Signer, envelope_digest, verify_envelope_signature
-from schemas.verify.result import verify_result
+from schemas.signing import ChainSigner, Signer, envelope_digest, verify_envelope_signature
+from schemas.verify.result import Trust, VerificationReport, verify_result
+from tests.harness.admission import trust_in
+from tests.harness.pipeline import CHAIN_SIGNER
 from worker.engines import load_engine
 from worker.modelstore.local_hub import LocalHub
 from worker.pipeline import Pipeline
@@ -32,7 +35,6 @@ def _request(data: list[bool | int | float | str] | None = None) -> InferenceReq
         request_id="req-sign-1",
         model="demo-mlp",
         created_unix_ms=NOW_MS - 5,
-        payer="alice",
         payload=MLInput(
             tensors={
                 "x": Tensor(dtype="float32", shape=[1, 4], data=data or [0.5, -1.0, 2.0, 0.25])
@@ -52,7 +54,7 @@ async def signed(demo_hub: Path, tmp_path: Path, signer: Signer) -> InferenceRes
     ref = hub.resolve("demo-mlp")
     engine = await load_engine(ref, hub.materialize(ref, tmp_path))
     try:
-        pipeline = Pipeline({"demo-mlp": engine}, signer, clock_ms=lambda: NOW_MS)
+        pipeline = Pipeline({"demo-mlp": engine}, signer, CHAIN_SIGNER, clock_ms=lambda: NOW_MS)
         outcome = await pipeline.handle(_request())
     finally:
         await engine.close()
@@ -60,18 +62,28 @@ async def signed(demo_hub: Path, tmp_path: Path, signer: Signer) -> InferenceRes
     return outcome.reply
 
 
+def _trust(signer: Signer) -> Trust:
+    return trust_in([(signer.node_id, CHAIN_SIGNER.address)], NOW_MS)
+
+
+def _failed(report: VerificationReport) -> set[str]:
+    return {c.name for c in report.checks if not c.ok}
+
+
 def test_real_result_verifies(signed: InferenceResult, signer: Signer) -> None:
-    report = verify_result(signed, _request(), expected_node_ids={signer.node_id})
+    report = verify_result(signed, _request(), trust=_trust(signer))
     assert report.ok, report.as_dict()
     assert {c.name for c in report.checks} == {
         "signature",
+        "admitted",
+        "chain_signature",
         "request_id",
         "output_hash",
         "request_match",
         "model",
         "mode",
+        "request_terms",
         "input_hash",
-        "node",
     }
     assert verify_envelope_signature(signed.envelope, signed.signature)
     assert isinstance(signed.output, MLOutput)
@@ -89,9 +101,9 @@ def test_signature_is_deterministic_ed25519_over_domain_digest(
 def _alternatives(env: ResultEnvelope) -> dict[str, Any]:
     """A different, valid value for every envelope field (nested usage fields included)."""
     return {
-        # Literal[1]: there is no other valid version; a changed one must still break the
+        # Literal[2]: there is no other valid version; a changed one must still break the
         # signature rather than be ignored.
-        "schema_version": 2,
+        "schema_version": 3,
         "request_id": env.request_id + "x",
         "model_id": "demo-lm",
         "model_digest": "0" * 64 if env.model_digest != "0" * 64 else "1" * 64,
@@ -100,14 +112,20 @@ def _alternatives(env: ResultEnvelope) -> dict[str, Any]:
         "output_hash": "0" * 64,
         "usage.input_tokens": env.usage.input_tokens + 1,
         "usage.output_tokens": env.usage.output_tokens + 1,
-        "payer": "bob",
+        "settlement": SettlementMode.PRIVATE,
+        "request_created_unix_ms": env.request_created_unix_ms - 1,
+        "max_output_tokens": 7,
+        "payer": Payer(scheme="ed25519", key="11" * 32, signature="22" * 64),
         "node_id": Signer(OTHER_SEED).node_id,
         "signed_unix_ms": env.signed_unix_ms + 1,
     }
 
 
-def test_every_envelope_field_is_covered_by_the_signature(signed: InferenceResult) -> None:
+def test_every_envelope_field_is_covered_by_the_signature(
+    signed: InferenceResult, signer: Signer
+) -> None:
     env = signed.envelope
+    trust = _trust(signer)
     alternatives = _alternatives(env)
     top_level = {k.split(".")[0] for k in alternatives}
     assert top_level == set(ResultEnvelope.model_fields), "a new field needs a tamper case"
@@ -123,8 +141,8 @@ def test_every_envelope_field_is_covered_by_the_signature(signed: InferenceResul
             tampered = env.model_copy(update={path: value})
         assert tampered != env, path
         assert not verify_envelope_signature(tampered, signed.signature), path
-        report = verify_result(signed.model_copy(update={"envelope": tampered}))
-        assert not report.ok, path
+        report = verify_result(signed.model_copy(update={"envelope": tampered}), trust=trust)
+        assert {"signature", "chain_signature"} <= _failed(report), path
 
 
 @pytest.mark.parametrize("bit", [0, 7, 8 * 31 + 3, 8 * 32, 8 * 63 + 7])
@@ -139,25 +157,33 @@ def test_malformed_signature_fails_without_raising(signed: InferenceResult, sign
     assert verify_envelope_signature(signed.envelope, signature) is False
 
 
-def test_signature_from_another_key_fails(signed: InferenceResult) -> None:
+def test_signature_from_another_key_fails(signed: InferenceResult, signer: Signer) -> None:
     forged = SigningKey(OTHER_SEED).sign(envelope_digest(signed.envelope)).signature.hex()
     assert not verify_envelope_signature(signed.envelope, forged)
-    report = verify_result(signed.model_copy(update={"signature": forged}))
-    assert not report.ok
+    report = verify_result(signed.model_copy(update={"signature": forged}), trust=_trust(signer))
+    assert _failed(report) == {"signature"}
 
 
-def test_another_node_signing_its_own_copy_is_not_expected_node(
+def test_a_node_nobody_admitted_signing_its_own_copy_is_refused(
     signed: InferenceResult, signer: Signer
 ) -> None:
-    other = Signer(OTHER_SEED)
+    other, other_chain = Signer(OTHER_SEED), ChainSigner(b"\x05" * 32)
     env = signed.envelope.model_copy(update={"node_id": other.node_id})
-    forged = signed.model_copy(update={"envelope": env, "signature": other.sign_envelope(env)})
-    report = verify_result(forged, _request(), expected_node_ids={signer.node_id})
-    failed = {c.name for c in report.checks if not c.ok}
-    assert failed == {"node"}
+    digest = envelope_digest(env)
+    forged = signed.model_copy(
+        update={
+            "envelope": env,
+            "signature": other.sign_envelope(env),
+            "chain_signature": other_chain.sign_digest(digest),
+        }
+    )
+    report = verify_result(forged, _request(), trust=_trust(signer))
+    assert _failed(report) == {"admitted", "chain_signature"}
+    # With no admission facts at all, nothing verifies.
+    assert "admitted" in _failed(verify_result(signed, _request()))
 
 
-def test_tampered_output_fails_output_hash(signed: InferenceResult) -> None:
+def test_tampered_output_fails_output_hash(signed: InferenceResult, signer: Signer) -> None:
     assert isinstance(signed.output, MLOutput)
     probs = signed.output.tensors["probabilities"]
     data = list(probs.data)
@@ -165,24 +191,35 @@ def test_tampered_output_fails_output_hash(signed: InferenceResult) -> None:
     output = MLOutput(tensors={"probabilities": probs.model_copy(update={"data": data})})
     assert output_hash(output) != signed.envelope.output_hash
 
-    report = verify_result(signed.model_copy(update={"output": output}), _request())
-    failed = {c.name for c in report.checks if not c.ok}
-    assert failed == {"output_hash"}
+    report = verify_result(
+        signed.model_copy(update={"output": output}), _request(), trust=_trust(signer)
+    )
+    assert _failed(report) == {"output_hash"}
     assert not report.ok
 
 
-def test_different_request_payload_fails_input_hash(signed: InferenceResult) -> None:
+def test_different_request_payload_fails_input_hash(
+    signed: InferenceResult, signer: Signer
+) -> None:
     other = _request([0.5, -1.0, 2.0, 0.5])
     assert input_hash(other.payload) != signed.envelope.input_hash
-    report = verify_result(signed, other)
-    failed = {c.name for c in report.checks if not c.ok}
-    assert failed == {"input_hash"}
+    assert _failed(verify_result(signed, other, trust=_trust(signer))) == {"input_hash"}
 
 
-def test_reply_request_id_must_match_envelope(signed: InferenceResult) -> None:
-    report = verify_result(signed.model_copy(update={"request_id": "someone-else"}))
-    failed = {c.name for c in report.checks if not c.ok}
-    assert failed == {"request_id"}
+def test_other_request_terms_fail_request_terms(signed: InferenceResult, signer: Signer) -> None:
+    for update in (
+        {"settlement": SettlementMode.INDIVIDUAL},
+        {"created_unix_ms": NOW_MS - 6},
+    ):
+        other = _request().model_copy(update=update)
+        assert _failed(verify_result(signed, other, trust=_trust(signer))) == {"request_terms"}
+
+
+def test_reply_request_id_must_match_envelope(signed: InferenceResult, signer: Signer) -> None:
+    report = verify_result(
+        signed.model_copy(update={"request_id": "someone-else"}), trust=_trust(signer)
+    )
+    assert _failed(report) == {"request_id"}
 
 
 def test_signer_repr_hides_the_key(signer: Signer) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from schemas.attestation import binding_report_data
 from schemas.base import VerificationMode
 from schemas.results import ErrorCode, ErrorReply, InferenceResult
-from tests.harness.pipeline import NOW_MS, SIGNER, ScriptedEngine, chat_request
+from tests.harness.pipeline import CHAIN_SIGNER, NOW_MS, SIGNER, ScriptedEngine, chat_request
 from worker.pipeline import Pipeline
 from worker.trust.attestation.dev import DevProvider
 from worker.trust.tee import TeeMode
@@ -15,6 +15,7 @@ def _pipeline(mode: TeeMode) -> Pipeline:
     return Pipeline(
         {"demo-lm": ScriptedEngine()},
         SIGNER,
+        CHAIN_SIGNER,
         clock_ms=lambda: NOW_MS,
         modes={VerificationMode.TEE: mode},
     )
@@ -32,7 +33,11 @@ async def test_an_attested_node_signs_tee_results() -> None:
     )
     attestation = DevProvider(bytes(32)).attest(report_data)
     assert attestation.kind == "dev"
-    outcome = await _pipeline(TeeMode(attestation)).handle(chat_request(mode=VerificationMode.TEE))
+    # Development evidence proves nothing: it serves TEE requests only where allowed.
+    refused = await _pipeline(TeeMode(attestation)).handle(chat_request(mode=VerificationMode.TEE))
+    assert refused.error_code is ErrorCode.UNSUPPORTED_MODE
+    allowed = TeeMode(attestation, allow_dev=True)
+    outcome = await _pipeline(allowed).handle(chat_request(mode=VerificationMode.TEE))
     assert isinstance(outcome.reply, InferenceResult)
     assert outcome.reply.envelope.mode is VerificationMode.TEE
     assert outcome.record is not None and outcome.record.envelope.mode is VerificationMode.TEE

@@ -17,6 +17,7 @@ from schemas.verify.attestation.snp import verify_snp_report
 from schemas.verify.attestation.tdx import tdx_measurement, verify_tdx_quote
 from schemas.verify.attestation.verify import (
     registration_check,
+    registration_verdict,
     verify_attestation,
     verify_node_attestation,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "nitro_measurement",
     "parse_nitro_document",
     "registration_check",
+    "registration_verdict",
     "tdx_measurement",
     "verify_attestation",
     "verify_nitro_document",

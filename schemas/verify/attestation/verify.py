@@ -11,17 +11,25 @@ bad evidence.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from schemas.attestation import Attestation, binding_report_data, decode_b64
+from schemas.verify.admission import AttestationCheck, Verdict
 from schemas.verify.attestation.dev import verify_dev_statement
 from schemas.verify.attestation.nitro import verify_nitro_document
 from schemas.verify.attestation.policy import AttestationPolicy, AttestationVerdict, Reason
 from schemas.verify.attestation.snp import verify_snp_report
 from schemas.verify.attestation.tdx import verify_tdx_quote
 
-__all__ = ["registration_check", "verify_attestation", "verify_node_attestation"]
+__all__ = [
+    "registration_check",
+    "registration_verdict",
+    "verify_attestation",
+    "verify_node_attestation",
+]
 
 
 def verify_attestation(
@@ -86,6 +94,54 @@ def verify_node_attestation(
     except ValueError as e:
         return AttestationVerdict.reject(attestation.kind, f"{Reason.MALFORMED}: {e}")
     return verify_attestation(attestation, expected_report_data=binding, policy=policy)
+
+
+_CACHE_ENTRIES = 4096
+
+
+def registration_verdict(
+    policy: AttestationPolicy, approved: Callable[[str, str], bool] | None = None
+) -> AttestationCheck:
+    """A ``schemas.verify.registry.AttestationCheck``: ``check(registration, at_unix_ms)``.
+
+    The expensive part (signatures, certificate chains, collateral, the binding of the node's
+    keys) runs once per piece of evidence and is cached; what depends on time and on who
+    approves what is decided again at every use: the evidence's age at ``at_unix_ms``, and
+    whether its measurement is allowed by ``policy`` or ``approved(kind, measurement)`` (the
+    admission authority's approvals, which may be revoked at any time)."""
+    cache: dict[tuple[str, str], AttestationVerdict] = {}
+    timeless = {Reason.MEASUREMENT, Reason.STALE, Reason.FUTURE}
+
+    def check(registration: Any, at_unix_ms: int) -> Verdict:
+        attestation = getattr(registration, "attestation", None)
+        if not isinstance(attestation, Attestation):
+            return Verdict(False)
+        key = (registration.node_id, hashlib.sha256(attestation.evidence.encode()).hexdigest())
+        verdict = cache.get(key)
+        if verdict is None:
+            verdict = verify_node_attestation(
+                node_id=registration.node_id,
+                x25519_public_key=registration.x25519_public_key,
+                chain_address=registration.chain_address,
+                attestation=attestation,
+                policy=dataclasses.replace(policy, now_unix_ms=at_unix_ms),
+            )
+            if len(cache) >= _CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = verdict
+        if verdict.measurement is None or any(
+            r.split(":", 1)[0] not in timeless for r in verdict.reasons
+        ):
+            return Verdict(False, verdict.kind, verdict.measurement)
+        kind, measurement = verdict.kind, verdict.measurement
+        allowed = policy.measurement_allowed(kind, measurement) or (
+            approved is not None and approved(kind, measurement)
+        )
+        at = dataclasses.replace(policy, now_unix_ms=at_unix_ms)
+        fresh = not at.age_reasons(attestation.issued_unix_ms)
+        return Verdict(allowed and fresh, kind, measurement)
+
+    return check
 
 
 def registration_check(policy: AttestationPolicy) -> Callable[[Any], bool]:

@@ -44,6 +44,11 @@ class AttestationSettings(BaseModel):
     dev_key: SecretStr | None = Field(
         default=None, description="hex ed25519 seed for dev statements; default: random"
     )
+    allow_dev_tee: bool = Field(
+        default=False,
+        description="DEVELOPMENT ONLY: serve TEE requests on dev evidence (which proves "
+        "nothing); verifiers still reject such results unless they allow dev evidence",
+    )
     refresh_interval_s: float = Field(
         default=24 * 3600.0,
         gt=0,
