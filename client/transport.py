@@ -46,6 +46,7 @@ from schemas.results import (
 from schemas.sealing import SealedReplyError, SealedRequest, seal_request
 from schemas.topics import HEADER_SCHEMA_VERSION, Topics
 from schemas.verify.attestation import AttestationPolicySettings
+from schemas.verify.registry import RegistryView
 from schemas.verify.result import verify_chunk, verify_error, verify_result
 from schemas.version import SCHEMA_VERSION
 
@@ -79,6 +80,8 @@ class _Pending:
     future: asyncio.Future[Terminal]
     sealed: SealedRequest | None = None
     on_chunk: ChunkCallback | None = None
+    stream_node: str | None = None
+    """The node whose chunks this stream takes (the first verified chunk's)."""
 
 
 class InferenceClient:
@@ -145,7 +148,7 @@ class InferenceClient:
         await self.trust.close()
 
     @property
-    def registry_view(self) -> object:
+    def registry_view(self) -> RegistryView:
         """The nodes this client knows from the registry (``schemas.verify.registry``)."""
         return self.trust.view
 
@@ -230,13 +233,14 @@ class InferenceClient:
 
     async def request_sealed(
         self,
-        request: InferenceRequest,
+        request: InferenceRequest | SealedRequest,
         timeout_s: float = 30.0,
         on_chunk: ChunkCallback | None = None,
     ) -> tuple[SealedRequest, Terminal]:
-        """Seal, send and await ``request``; the reply comes back opened and verified.
-        Returns the sealed request too: its ``plaintext`` is what the input hash is over."""
-        sealed = await self.seal(request)
+        """Seal (unless sealed already: ``seal``, or ``schemas.sealing.seal_request``), send
+        and await ``request``; the reply comes back opened and verified. Returns the sealed
+        request too: its ``plaintext`` is what the input hash is over."""
+        sealed = request if isinstance(request, SealedRequest) else await self.seal(request)
         future = await self._send(sealed.request, sealed, on_chunk)
         return sealed, await self._await(future, sealed.request, timeout_s)
 
@@ -279,11 +283,15 @@ class InferenceClient:
         trust = self.trust.snapshot()
         plaintext = sealed.plaintext if sealed is not None else None
         if isinstance(reply, StreamChunk):
-            report = verify_chunk(reply, pending.request.request_id, trust=trust)
-            if report.ok and pending.on_chunk is not None:
-                pending.on_chunk(reply)
-            elif not report.ok:
+            report = verify_chunk(
+                reply, pending.request.request_id, trust=trust, node_id=pending.stream_node
+            )
+            if not report.ok:
                 self._ignore("chunk does not verify")
+                return
+            pending.stream_node = reply.node_id
+            if pending.on_chunk is not None:
+                pending.on_chunk(reply)
             return
         if isinstance(reply, ErrorReply):
             report = verify_error(reply, pending.request, trust=trust, plaintext=plaintext)

@@ -28,7 +28,8 @@ from web3.types import TxParams
 
 from infra.contracts import load_artifact
 from infra.evm import ChainError, EvmSettings, account_from, send_transaction, translated
-from schemas.admission import SignedAdmissionList, verify_admission_list
+from schemas.admission import ADMISSION_DOMAIN, SignedAdmissionList, verify_admission_list
+from schemas.canonical import domain_digest
 from schemas.verify.admission import Admissions, NodeAdmission
 
 __all__ = [
@@ -96,6 +97,7 @@ class AuthorityAdmissions:
         self._keys = {k.lower() for k in authority_keys}
         self._current: Admissions | None = None
         self._sequence = -1
+        self._digest = b""
 
     async def snapshot(self) -> Admissions:
         raw = await asyncio.to_thread(self._path.read_bytes)
@@ -107,12 +109,18 @@ class AuthorityAdmissions:
             raise ValueError("the admission list is not signed by a pinned authority")
         if signed.list.sequence < self._sequence:
             raise ValueError("the admission list is older than one already seen")
-        self._sequence = signed.list.sequence
+        digest = domain_digest(ADMISSION_DOMAIN, signed.list)
+        if signed.list.sequence == self._sequence and digest != self._digest:
+            raise ValueError("two different admission lists carry the same sequence")
+        self._sequence, self._digest = signed.list.sequence, digest
         self._current = Admissions.from_list(signed.list, _now_ms())
         return self._current
 
     async def close(self) -> None:
         return None
+
+
+_EVENTS = ("NodeAdmitted", "NodeRevoked", "MeasurementApproved", "MeasurementRevoked")
 
 
 class ChainAdmissions:
@@ -137,9 +145,15 @@ class ChainAdmissions:
             head = await self._w3.eth.block_number
             if head >= self._next_block:
                 events = self._contract.events
-                for name in ("NodeAdmitted", "NodeRevoked", "MeasurementApproved"):
-                    await self._apply(name, getattr(events, name), head)
-                await self._apply("MeasurementRevoked", events.MeasurementRevoked, head)
+                logs: list[tuple[int, int, str, Any]] = []
+                for name in _EVENTS:
+                    found = await getattr(events, name).get_logs(
+                        from_block=self._next_block, to_block=head
+                    )
+                    logs += [(e["blockNumber"], e["logIndex"], name, e["args"]) for e in found]
+                # In chain order across event types: admit, revoke, admit again = admitted.
+                for _, _, name, args in sorted(logs, key=lambda e: (e[0], e[1])):
+                    self._apply(name, args)
                 self._next_block = head + 1
         return Admissions(
             nodes=dict(self._nodes),
@@ -149,26 +163,23 @@ class ChainAdmissions:
             as_of_unix_ms=_now_ms(),
         )
 
-    async def _apply(self, name: str, event: Any, head: int) -> None:
-        logs = await event.get_logs(from_block=self._next_block, to_block=head)
-        for entry in sorted(logs, key=lambda e: (e["blockNumber"], e["logIndex"])):
-            args = entry["args"]
-            if name in ("NodeAdmitted", "NodeRevoked"):
-                node_id = bytes(args["nodeId"]).hex()
-                if name == "NodeAdmitted":
-                    address = str(args["chainAddress"]).lower()
-                    self._nodes[node_id] = NodeAdmission(node_id, address, True)
-                elif node_id in self._nodes:
-                    previous = self._nodes[node_id]
-                    self._nodes[node_id] = NodeAdmission(node_id, previous.chain_address, False)
-            else:
-                key = (str(args["kind"]), bytes(args["measurement"]).hex())
-                if name == "MeasurementApproved":
-                    self._approved.add(key)
-                    self._revoked.discard(key)
-                else:
-                    self._revoked.add(key)
-                    self._approved.discard(key)
+    def _apply(self, name: str, args: Any) -> None:
+        if name in ("NodeAdmitted", "NodeRevoked"):
+            node_id = bytes(args["nodeId"]).hex()
+            if name == "NodeAdmitted":
+                address = str(args["chainAddress"]).lower()
+                self._nodes[node_id] = NodeAdmission(node_id, address, True)
+            elif node_id in self._nodes:
+                previous = self._nodes[node_id]
+                self._nodes[node_id] = NodeAdmission(node_id, previous.chain_address, False)
+            return
+        key = (str(args["kind"]), bytes(args["measurement"]).hex())
+        if name == "MeasurementApproved":
+            self._approved.add(key)
+            self._revoked.discard(key)
+        else:
+            self._revoked.add(key)
+            self._approved.discard(key)
 
     async def close(self) -> None:
         await self._w3.provider.disconnect()

@@ -36,7 +36,7 @@ __all__ = [
     "sha256_hex",
 ]
 
-RESULT_DOMAIN: Final = b"og-inference-node/result-envelope/v1"
+RESULT_DOMAIN: Final = b"og-inference-node/result-envelope/v2"
 """Domain tag prefixed to the canonical envelope before hashing for signature."""
 
 

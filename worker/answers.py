@@ -36,6 +36,7 @@ from schemas.results import (
 from schemas.sealing import NodeSealer
 from schemas.settlement import SettlementRecord
 from schemas.signing import ChainSigner, Signer, chunk_digest, envelope_digest, error_digest
+from schemas.version import SCHEMA_VERSION
 
 __all__ = ["Answers"]
 
@@ -64,7 +65,7 @@ class Answers:
         reply_key: PublicKey | None = None,
     ) -> ErrorReply | SealedReply:
         fields = {
-            "schema_version": 2,
+            "schema_version": SCHEMA_VERSION,
             "type": "error",
             "request_id": request_id,
             "model": model[: limits.MAX_ID_CHARS],
@@ -88,7 +89,7 @@ class Answers:
         reply_key: PublicKey | None = None,
     ) -> StreamChunk | SealedReply:
         fields = {
-            "schema_version": 2,
+            "schema_version": SCHEMA_VERSION,
             "type": "chunk",
             "request_id": request_id,
             "index": index,

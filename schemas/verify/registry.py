@@ -15,10 +15,10 @@ the verifier's receipt time R (``check``), in order:
 - ``stale_node``: R is later than N's last heartbeat plus ``stale_after_intervals`` heartbeat
   intervals, where a heartbeat counts at the time the verifier received it or the time it
   claims, whichever is earlier (a far-future heartbeat buys nothing);
-- ``unregistered_model``: N does not register the record's model with the record's model
-  digest; ``unregistered_mode``: not in that mode;
 - ``unattested_node``: attestation is required (by policy, or because the record claims mode
-  TEE) and N's evidence does not verify now (its age is checked at every use, not once).
+  TEE) and N's evidence does not verify now (its age is checked at every use, not once);
+- ``unregistered_model``: N does not register the record's model with the record's model
+  digest; ``unregistered_mode``: not in that mode.
 
 A registration replaces the one held only when its ``sequence`` is higher: a replayed older
 one is ignored (``out_of_order``), and a tombstone or garbage changes nothing.

@@ -173,19 +173,28 @@ def verify_error(
     if request is not None:
         payload = request.payload if plaintext is None else plaintext
         checks.append(Check("request_match", reply.request_id == request.request_id))
+        checks.append(Check("model", reply.model == request.model, "names the requested model"))
         if reply.input_hash is not None:
             checks.append(Check("input_hash", reply.input_hash == input_hash(payload)))
     return VerificationReport(reply.request_id, checks)
 
 
 def verify_chunk(
-    chunk: StreamChunk, request_id: str, *, trust: Trust | None = None
+    chunk: StreamChunk,
+    request_id: str,
+    *,
+    trust: Trust | None = None,
+    node_id: str | None = None,
 ) -> VerificationReport:
-    """Check a stream chunk: signed by the node it names, which may answer, for this request."""
+    """Check a stream chunk: signed by the node it names, which may answer, for this request,
+    and (given ``node_id``: the node of the stream's earlier chunks) by that same node: chunks
+    of two nodes that both answered the request must not be reassembled into one text."""
     admitted, _ = _admission_checks(trust, chunk.node_id, VerificationMode.VANILLA)
     checks = [
         Check("signature", verify_chunk_signature(chunk), "ed25519 by node_id over the chunk"),
         *admitted,
         Check("request_match", chunk.request_id == request_id),
     ]
+    if node_id is not None:
+        checks.append(Check("same_node", chunk.node_id == node_id, "the stream's node"))
     return VerificationReport(chunk.request_id, checks)

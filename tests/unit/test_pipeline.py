@@ -22,11 +22,11 @@ from schemas.results import (
 from schemas.settlement import SettlementRecord
 from schemas.signing import envelope_digest, verify_chain_signature, verify_envelope_signature
 from tests.harness.pipeline import (
-    PAYER,
     CHAIN_SIGNER,
     DIGEST,
     NOW_MS,
     OUTPUT,
+    PAYER,
     SECRET,
     SIGNER,
     USAGE,

@@ -54,7 +54,7 @@ V = json.loads(VECTOR_FILE.read_text(encoding="utf-8"))
 KEYS = V["keys"]
 RESULTS = V["results"]
 DOMAINS = {
-    "result": b"og-inference-node/result-envelope/v1",
+    "result": b"og-inference-node/result-envelope/v2",
     "error": b"og-inference-node/error-reply/v2",
     "chunk": b"og-inference-node/stream-chunk/v2",
     "payer": b"og-inference-node/payer-grant/v2",
