@@ -36,7 +36,7 @@ demo: install
 	  $(NODE) verify $(DEMO)/$$model.reply.json --request $(DEMO)/$$model.request.json || exit 1; \
 	done
 	@echo "== demo-lm: sealed request (only the worker can read it), opened and verified =="
-	@$(NODE) request --model demo-lm --example --sealed --save-request $(DEMO)/sealed.request.json \
+	@$(NODE) request --model demo-lm --example --sealed --allow-dev --save-request $(DEMO)/sealed.request.json \
 	  > $(DEMO)/sealed.reply.json || exit 1; \
 	cat $(DEMO)/sealed.reply.json; \
 	$(NODE) verify $(DEMO)/sealed.reply.json --request $(DEMO)/sealed.request.json | tail -n 1

@@ -76,7 +76,10 @@ class ReplyTimeout(TimeoutError):
 
 @dataclass
 class _Pending:
-    request: InferenceRequest
+    request_id: str
+    request: InferenceRequest | None
+    """What was sent; None when only its id is known (a reply then verifies as signed by an
+    admitted node for that id, without the checks against the request)."""
     future: asyncio.Future[Terminal]
     sealed: SealedRequest | None = None
     on_chunk: ChunkCallback | None = None
@@ -161,14 +164,17 @@ class InferenceClient:
         )
 
     def expect(
-        self, request: InferenceRequest, on_chunk: ChunkCallback | None = None
+        self, request: InferenceRequest | str, on_chunk: ChunkCallback | None = None
     ) -> asyncio.Future[Terminal]:
         """A future for the verified reply to ``request``, produced some other way (or
-        earlier: a resumed batch job)."""
-        pending = self._pending.get(request.request_id)
+        earlier: a resumed batch job). Given only a request id (a message that may not even be
+        a valid request), the reply is checked for its signer and id alone."""
+        rid = request if isinstance(request, str) else request.request_id
+        sent = None if isinstance(request, str) else request
+        pending = self._pending.get(rid)
         if pending is None:
             future: asyncio.Future[Terminal] = asyncio.get_running_loop().create_future()
-            pending = self._pending[request.request_id] = _Pending(request, future, None, on_chunk)
+            pending = self._pending[rid] = _Pending(rid, sent, future, None, on_chunk)
         return pending.future
 
     def forget(self, request_id: str) -> None:
@@ -193,7 +199,9 @@ class InferenceClient:
         if request.reply_to is None and sealed is None:
             request = request.model_copy(update={"reply_to": self.reply_to})
         future: asyncio.Future[Terminal] = asyncio.get_running_loop().create_future()
-        self._pending[request.request_id] = _Pending(request, future, sealed, on_chunk)
+        self._pending[request.request_id] = _Pending(
+            request.request_id, request, future, sealed, on_chunk
+        )
         await self._producer.send_and_wait(
             self.topics.infer(request.model),
             encode(request),
@@ -284,7 +292,7 @@ class InferenceClient:
         plaintext = sealed.plaintext if sealed is not None else None
         if isinstance(reply, StreamChunk):
             report = verify_chunk(
-                reply, pending.request.request_id, trust=trust, node_id=pending.stream_node
+                reply, pending.request_id, trust=trust, node_id=pending.stream_node
             )
             if not report.ok:
                 self._ignore("chunk does not verify")

@@ -124,16 +124,44 @@ def _read_json_arg(value: str) -> Any:
     return json.loads(text)
 
 
+def _client_settings(args: argparse.Namespace) -> Any:
+    """``ClientSettings`` from ``OG_CLIENT_*`` with the command's options on top; admission
+    from the chain of the local stack in ``--state-dir`` when none is configured."""
+    from client import ClientSettings
+    from infra.dev.stack import local_registry
+
+    settings = ClientSettings()
+    if args.bootstrap:
+        settings.kafka.bootstrap_servers = args.bootstrap
+    admission = settings.admission
+    if admission.source == "chain" and admission.registry_address is None:
+        admission.registry_address = local_registry(args.state_dir)
+    if getattr(args, "allow_dev", False):
+        settings.attestation.allow_dev = True
+    return settings
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap", help="Kafka bootstrap servers (default OG_CLIENT_KAFKA__...)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("var"),
+        help="local stack state: its NodeRegistry admits nodes when OG_CLIENT_ADMISSION__* "
+        "names none",
+    )
+
+
 def _cmd_request(args: argparse.Namespace) -> int:
-    from client import ClientSettings, NoActiveNodes, ReplyTimeout, TrustUnavailable, parse_payload
+    from client import NoActiveNodes, ReplyTimeout, TrustUnavailable, parse_payload
     from client.oneshot import load_payer_key, request_once
     from schemas.base import SettlementMode, VerificationMode
     from schemas.codec import encode
     from schemas.results import InferenceResult, StreamChunk
 
-    settings = ClientSettings()
-    if args.bootstrap:
-        settings.kafka.bootstrap_servers = args.bootstrap
+    settings = _client_settings(args)
     try:
         if args.example:
             from worker.modelstore.local_hub import LocalHub
@@ -255,7 +283,6 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from client import ClientSettings
     from client.batch import BatchError, BatchOptions, batch_status, cancel_batch, submit_batch
     from infra.kafka.ports import KafkaPortError
 
@@ -266,9 +293,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         if args.action == "cancel":
             _print_json(cancel_batch(args.job_dir))
             return 0
-        settings = ClientSettings()
-        if args.bootstrap:
-            settings.kafka.bootstrap_servers = args.bootstrap
+        settings = _client_settings(args)
         try:
             options = BatchOptions(
                 max_in_flight=args.max_in_flight,
@@ -326,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", help="payload JSON, or @FILE")
     source.add_argument("--example", action="store_true", help="the model's bundled example")
     r.add_argument("--hub-dir", type=Path, default=Path("var/hub"))
-    r.add_argument("--bootstrap", help="Kafka bootstrap servers (default OG_CLIENT_KAFKA__...)")
+    _client_options(r)
     r.add_argument("--timeout-s", type=float)
     r.add_argument("--deadline-s", type=float)
     r.add_argument(
@@ -346,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--stream", action="store_true", help="stream text to stderr as it comes")
     r.add_argument("--mode", choices=["VANILLA", "TEE", "ZKML"], default="VANILLA")
+    r.add_argument(
+        "--allow-dev",
+        action="store_true",
+        help="count development attestations (no TEE) as attested: local stacks only",
+    )
     r.set_defaults(func=_cmd_request)
 
     b = sub.add_parser("batch", help="batch jobs: a JSONL file of requests (OG_CLIENT_*)")
@@ -356,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-in-flight", type=int, default=256)
     bs.add_argument("--deadline-s", type=float, help="deadline sent with each request")
     bs.add_argument("--timeout-s", type=float, help="wait per request (default OG_CLIENT_...)")
-    bs.add_argument("--bootstrap", help="Kafka bootstrap servers (default OG_CLIENT_KAFKA__...)")
+    _client_options(bs)
     bs.add_argument("--no-requests", action="store_true", help="leave requests out of outputs")
     for action, text in (("status", "counts of a job"), ("cancel", "stop a job")):
         batch.add_parser(action, help=text).add_argument("job_dir", type=Path)

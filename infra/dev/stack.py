@@ -1,8 +1,13 @@
 """``inference-node stack up|down|status``: the local development stack.
 
 Everything runs as detached processes tracked by pid files under the state directory (default
-``var/``): the Tansu broker, an anvil chain with the Settlement contract, one worker and the
-settlement service (anchoring Merkle roots on that chain); logs go to ``var/log``. ``up`` is
+``var/``): the Tansu broker, an anvil chain with the Settlement and NodeRegistry contracts, one
+worker and the settlement service (anchoring Merkle roots on that chain); logs go to
+``var/log``. Admission is on chain, as in production: ``up`` admits the worker's node id and
+chain address on the NodeRegistry (governance: anvil's dev account 1) before the worker starts,
+and every service and client reads admission from that contract. The worker attests with the
+development provider (no TEE here), so sealed requests work for clients that allow
+development evidence (``inference-node request --sealed --allow-dev``). ``up`` is
 idempotent: a component already running is left alone. The worker and settlement serve
 ``/metrics``, ``/healthz`` and ``/readyz`` (ports 9108 and 9109 by default, as in the deploy
 manifests, so ``inference-node check`` works on the stack as it is); ``up`` waits until both
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from infra.admission import NodeRegistryClient
 from infra.dev.anvil import (
     DEV_ACCOUNTS,
     ChainAlreadyRunning,
@@ -98,6 +104,9 @@ def _service_env(cfg: StackConfig, service: str) -> dict[str, str]:
             "OG_WORKER_CACHE_DIR": str(cfg.path("cache")),
             "OG_WORKER_KEY_DIR": str(cfg.path("keys")),
         }
+        env |= {
+            "OG_WORKER_ATTESTATION__PROVIDER": "dev",
+        }
     else:
         contract = json.loads(cfg.path("chain.json").read_text())["contract_address"]
         env |= {
@@ -108,11 +117,20 @@ def _service_env(cfg: StackConfig, service: str) -> dict[str, str]:
             "OG_SETTLEMENT_CHAIN__RELAYER_KEY": dev_private_key(0),
             "OG_SETTLEMENT_MERKLE_BATCH_MAX_AGE_S": "2",
         }
+    chain = json.loads(cfg.path("chain.json").read_text())
+    env |= {
+        prefix + "ADMISSION__SOURCE": "chain",
+        prefix + "ADMISSION__RPC_URL": cfg.rpc_url,
+        prefix + "ADMISSION__REGISTRY_ADDRESS": chain["registry_address"],
+        prefix + "ADMISSION__FROM_BLOCK": str(chain["registry_block"]),
+        prefix + "ADMISSION__REFRESH_INTERVAL_S": "2",
+    }
     return env
 
 
-def _chain_up(cfg: StackConfig) -> str:
-    """Start anvil and deploy the Settlement contract unless the recorded one is there."""
+def _chain_up(cfg: StackConfig) -> dict[str, object]:
+    """Start anvil and deploy the Settlement and NodeRegistry contracts unless the recorded
+    ones are there; returns the record (``chain.json``)."""
     try:
         start_anvil(
             cfg.host,
@@ -126,20 +144,54 @@ def _chain_up(cfg: StackConfig) -> str:
     record = cfg.path("chain.json")
     settings = ChainSettings(rpc_url=cfg.rpc_url, relayer_key=SecretStr(dev_private_key(0)))
     if record.exists():
-        address = str(json.loads(record.read_text())["contract_address"])
+        known: dict[str, object] = json.loads(record.read_text())
         try:
-            asyncio.run(_probe(settings.model_copy(update={"contract_address": address})))
-            return address
-        except ChainError:
+            asyncio.run(_probe(settings, known))
+            return known
+        except (ChainError, KeyError):
             pass  # anvil keeps no state across restarts: deploy again
     address = asyncio.run(SettlementChain.deploy(settings, DEV_ACCOUNTS[0]))
-    record.write_text(json.dumps({"rpc_url": cfg.rpc_url, "contract_address": address}) + "\n")
-    return address
+    registry, block = asyncio.run(NodeRegistryClient.deploy(settings, _GOVERNANCE))
+    chain = {
+        "rpc_url": cfg.rpc_url,
+        "contract_address": address,
+        "registry_address": registry,
+        "registry_block": block,
+    }
+    record.write_text(json.dumps(chain) + "\n")
+    return chain
 
 
-async def _probe(settings: ChainSettings) -> None:
-    chain = await SettlementChain.connect(settings)
+_GOVERNANCE = SecretStr(dev_private_key(1))
+"""The NodeRegistry's governance key on the local stack (anvil's dev account 1)."""
+
+
+async def _probe(settings: ChainSettings, known: dict[str, object]) -> None:
+    chain = await SettlementChain.connect(
+        settings.model_copy(update={"contract_address": known["contract_address"]})
+    )
     await chain.close()
+    registry = NodeRegistryClient(settings, str(known["registry_address"]), _GOVERNANCE)
+    try:
+        await registry.is_admitted("00" * 32)  # reverts or fails where nothing is deployed
+    finally:
+        await registry.close()
+
+
+async def _admit_worker(cfg: StackConfig, chain: dict[str, object]) -> None:
+    """Admit the stack's worker (its keys are made now if they do not exist yet)."""
+    from worker.identity import chain_address, node_signer
+    from worker.settings import WorkerSettings
+
+    keys = WorkerSettings(key_dir=cfg.path("keys"))
+    node_id = node_signer(keys).node_id
+    settings = ChainSettings(rpc_url=cfg.rpc_url)
+    registry = NodeRegistryClient(settings, str(chain["registry_address"]), _GOVERNANCE)
+    try:
+        if not await registry.is_admitted(node_id):
+            await registry.admit(node_id, chain_address(keys))
+    finally:
+        await registry.close()
 
 
 def _start_service(cfg: StackConfig, service: str) -> None:
@@ -187,7 +239,8 @@ def stack_up(cfg: StackConfig) -> dict[str, object]:
         )
     except BrokerAlreadyRunning:
         pass
-    _chain_up(cfg)
+    chain = _chain_up(cfg)
+    asyncio.run(_admit_worker(cfg, chain))
     build_demo_hub(cfg.path("hub"))
     asyncio.run(ensure_topics(cfg.bootstrap, standard_topics(cfg.namespace, DEMO_MODELS)))
     for service in _SERVICES:

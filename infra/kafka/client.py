@@ -285,9 +285,18 @@ class _Ack:
 
 
 class AiokafkaProducer(Producer):
+    """aiokafka's producer, with every topic it sends to tracked in its metadata.
+
+    aiokafka tracks only the topics it had to look up: a topic it knew from its first
+    all-topics metadata is dropped from the cluster view at the next partial update (the
+    first send to a new topic, such as a client's own reply topic), and messages queued for
+    it meanwhile wait for an "unknown leader" until they fail at ``request_timeout_ms``.
+    """
+
     def __init__(self, settings: KafkaSettings) -> None:
         self._producer = AIOKafkaProducer(**settings.producer_kwargs())
         self._max_message_bytes = settings.max_request_size_bytes
+        self._tracked: set[str] = set()
 
     @property
     def max_message_bytes(self) -> int:
@@ -308,6 +317,9 @@ class AiokafkaProducer(Producer):
         key: bytes | None = None,
         headers: Headers | None = None,
     ) -> Awaitable[object]:
+        if topic not in self._tracked:  # see the class docstring
+            self._tracked.add(topic)
+            self._producer.client.add_topic(topic)
         async with _translated():
             future = await self._producer.send(
                 topic, value, key=key, headers=list(headers) if headers else None

@@ -251,6 +251,22 @@ class KafkaPortsContract:
         reader = await self.reader(kafka, stack, topic, 1)
         assert await reader.end_offsets([TopicPartition(topic, 0)]) == {TopicPartition(topic, 0): 1}
 
+    async def test_a_queued_message_is_delivered_when_a_new_topic_is_sent_to_meanwhile(
+        self, kafka: Kafka, new_topic: NewTopic, stack: AsyncExitStack
+    ) -> None:
+        # A worker replies on the shared topic while a client names a reply topic of its own:
+        # aiokafka alone then forgets the shared topic's leader and fails the queued reply at
+        # request_timeout_ms (30 s), see ``infra.kafka.client.AiokafkaProducer``.
+        known = await new_topic(2)
+        producer = await self.producer(kafka, stack)
+        await producer.send_and_wait(known, b"first")
+        queued = await producer.send(known, b"queued")
+        await producer.send_and_wait("t" + uuid.uuid4().hex[:12], b"to a topic never seen")
+        async with asyncio.timeout(5):
+            await queued
+        records = await read(await self.reader(kafka, stack, known, 2), 2)
+        assert sorted(r.value or b"" for r in records) == [b"first", b"queued"]
+
 
 class TestMemoryKafka(KafkaPortsContract):
     @pytest.fixture

@@ -20,7 +20,7 @@ from schemas.signing import Signer
 from schemas.verify.admission import Admissions, NodeAdmission
 from schemas.verify.result import Trust
 
-__all__ = ["AUTHORITY", "AdmissionFile", "trust_in"]
+__all__ = ["AUTHORITY", "AdmissionFile", "trust_in", "trust_workers"]
 
 AUTHORITY = Signer(b"\x0a" * 32)
 """The pinned authority of every test deployment."""
@@ -115,3 +115,8 @@ def trust_in(nodes: Iterable[tuple[str, str]], at_unix_ms: int | None = None) ->
     at = time.time_ns() // 1_000_000 if at_unix_ms is None else at_unix_ms
     admitted = {n: NodeAdmission(n, a.lower(), True) for n, a in nodes}
     return Trust(Admissions(nodes=admitted, source="test", as_of_unix_ms=at), at)
+
+
+def trust_workers(*workers: Any) -> Trust:
+    """A verifier's trust that admits exactly these running ``worker.app.Worker``s."""
+    return trust_in((w.signer.node_id, w.registrar.registration.chain_address) for w in workers)

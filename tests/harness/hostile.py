@@ -223,8 +223,9 @@ def _chat_payload(draw: st.DrawFn) -> dict[str, Any]:
 
 @st.composite
 def valid_request(draw: st.DrawFn, ctx: FuzzContext) -> tuple[str, str, dict[str, Any]]:
-    """(kind, request topic's model, document) of a request the node can answer (maybe with a typed error:
-    a mode it does not offer, a passed deadline, an internal reply topic, a sealed payload)."""
+    """(kind, request topic's model, document) of a request the node can answer, maybe with a
+    typed error: a mode it does not offer, a passed deadline, an internal reply topic, a sealed
+    payload, another model."""
     rid = draw(_request_id(ctx))
     kind = draw(st.sampled_from(["ml", "chat", "chat_stream", "sealed", "variant"]))
     if kind == "ml":

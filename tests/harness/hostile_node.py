@@ -78,6 +78,11 @@ class HostileRun:
     stop_s: float
     """How long ``run()`` took to return after ``stop()``."""
     logs: list[str] = field(default_factory=list)
+    replies: list[Record] = field(default_factory=list)
+    """Every message on the reply topics for the batch (the request sent after it left out)."""
+    dlq: list[Record] = field(default_factory=list)
+    settlement: list[Record] = field(default_factory=list)
+    """Settlement records of the batch (the request sent after it left out)."""
 
     @property
     def problems(self) -> list[str]:
@@ -294,15 +299,20 @@ async def run_hostile(
         dlq = await _read(env, topics.dlq)
         settlement = await _read(env, topics.settlement)
     good_id = good.request_id.encode()
-    verdict = check(
-        sent,
-        [r for r in replies if good_id not in (r.value or b"")],
-        dlq,
-        [r for r in settlement if good_id not in (r.value or b"")],
-        logs,
-    )
+    replies = [r for r in replies if good_id not in (r.value or b"")]
+    settlement = [r for r in settlement if good_id not in (r.value or b"")]
     return HostileRun(
-        verdict, sent, intake.fatal, list(errors), still_serving, behind, stop_s, list(logs)
+        check(sent, replies, dlq, settlement, logs),
+        sent,
+        intake.fatal,
+        list(errors),
+        still_serving,
+        behind,
+        stop_s,
+        list(logs),
+        replies,
+        dlq,
+        settlement,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +105,7 @@ class TestNode:
     def registration(
         self,
         *,
-        models: tuple[str, ...] = (MODEL,),
+        models: tuple[str, ...] | Mapping[str, str] = (MODEL,),
         digest: str = DIGEST,
         modes: tuple[VerificationMode, ...] = (VerificationMode.VANILLA,),
         heartbeat_interval_s: float = 3600.0,
@@ -112,14 +113,18 @@ class TestNode:
         sequence: int | None = None,
         **overrides: Any,
     ) -> RegistrationRecord:
-        """A valid registration for ``models`` (a long heartbeat interval keeps it fresh for a
-        whole test); ``sequence`` defaults to the heartbeat time, as a worker does."""
+        """A valid registration for ``models`` (names, all with ``digest``, or name → digest;
+        a long heartbeat interval keeps it fresh for a whole test); ``sequence`` defaults to
+        the heartbeat time, as a worker does."""
+        digests = dict(models) if isinstance(models, Mapping) else dict.fromkeys(models, digest)
         at = now_ms() if heartbeat_unix_ms is None else heartbeat_unix_ms
         fields: dict[str, Any] = {
             "node_id": self.node_id,
             "x25519_public_key": "00" * 32,
             "chain_address": self.chain_address,
-            "models": [RegisteredModel(name=m, digest=digest, modes=list(modes)) for m in models],
+            "models": [
+                RegisteredModel(name=m, digest=d, modes=list(modes)) for m, d in digests.items()
+            ],
             "software_version": "test",
             "started_unix_ms": at - 60_000,
             "heartbeat_unix_ms": at,

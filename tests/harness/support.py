@@ -63,15 +63,19 @@ async def register_node(
     registry_topic: str,
     node: Any,
     *,
-    models: tuple[str, ...] = ("demo-mlp",),
+    models: Any = ("demo-mlp",),
     heartbeat_interval_s: float = 3600.0,
+    **registration: Any,
 ) -> None:
     """Publish a valid registration for ``node`` (a ``tests.harness.nodes.TestNode``), as a
-    worker would; settlement accepts its records once the authority admits it too. A long
-    heartbeat interval keeps it fresh for the whole test."""
+    worker would; settlement accepts its records once the authority admits it too. ``models``
+    and the rest as ``TestNode.registration`` takes them; a long heartbeat interval keeps it
+    fresh for the whole test."""
     from aiokafka import AIOKafkaProducer
 
-    key, value = node.registration_message(models=models, heartbeat_interval_s=heartbeat_interval_s)
+    key, value = node.registration_message(
+        models=models, heartbeat_interval_s=heartbeat_interval_s, **registration
+    )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:

@@ -23,6 +23,7 @@ from schemas import (
     encode,
 )
 from schemas import topics as t
+from tests.harness.admission import AdmissionFile
 from tests.harness.support import eventually, fast_kafka, read_topic
 from worker.app import Worker
 from worker.settings import WorkerSettings
@@ -42,10 +43,13 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
     namespace: str,
     running_worker: Worker,
     worker_settings: WorkerSettings,
+    admission: AdmissionFile,
 ) -> None:
     topics = Topics(namespace)
     topic = topics.infer("demo-mlp")
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), topics, admission=admission.settings()
+    ) as client:
         producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
         await producer.start()
         try:
@@ -86,7 +90,7 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
         "bad-2": ErrorCode.UNKNOWN_MODEL,
         "bad-3": ErrorCode.BAD_REQUEST,
         "bad-4": ErrorCode.DEADLINE_EXCEEDED,
-        "bad-5": ErrorCode.BAD_REQUEST,  # reply_to named the settlement topic
+        "bad-5": ErrorCode.REPLY_TOPIC_REFUSED,  # reply_to named the settlement topic
     }
     for rid, code in expected.items():
         reply = errors[rid]

@@ -17,12 +17,16 @@ from typing import Any
 
 import pytest
 
+from client import InferenceClient
 from client.batch import BatchOptions, run_job
+from client.batch.jobs import ClientFactory
 from client.batch.state import JobState
 from infra.dev.broker import BrokerProcess
 from infra.kafka.client import ClusterKafka
+from infra.kafka.ports import Kafka
 from infra.kafka.settings import KafkaSettings
 from schemas.topics import Topics
+from tests.harness.admission import AdmissionFile
 from tests.harness.batch import SECRET, BatchFile, write_batch_file
 from tests.harness.support import read_topic
 from worker.app import Worker
@@ -38,12 +42,20 @@ def _client_kafka(bootstrap: str) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=bootstrap, fetch_max_wait_ms=20)
 
 
-def _cli_env(namespace: str) -> dict[str, str]:
+def _cli_env(namespace: str, admission: AdmissionFile) -> dict[str, str]:
     return {
         **os.environ,
         "OG_CLIENT_NAMESPACE": namespace,
         "OG_CLIENT_KAFKA__FETCH_MAX_WAIT_MS": "20",
+        **admission.env("OG_CLIENT_"),
     }
+
+
+def _client(admission: AdmissionFile) -> ClientFactory:
+    def build(kafka: Kafka, topics: Topics, reply_to: str) -> InferenceClient:
+        return InferenceClient(kafka, topics, reply_to, admission=admission.settings())
+
+    return build
 
 
 async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -80,7 +92,9 @@ def _check_complete(batch: BatchFile, out: list[dict[str, Any]]) -> None:
     assert not any(SECRET in json.dumps(o["error"]) for o in out if o["error"])
 
 
-async def _verify_sample(out: list[dict[str, Any]], tmp_path: Path) -> None:
+async def _verify_sample(
+    out: list[dict[str, Any]], tmp_path: Path, admission: AdmissionFile
+) -> None:
     """``inference-node verify`` on a sample of result lines (ML and chat)."""
     results = [o for o in out if o["outcome"] == "result"]
     sample = random.Random(3).sample(results, VERIFY_SAMPLE)
@@ -92,7 +106,9 @@ async def _verify_sample(out: list[dict[str, Any]], tmp_path: Path) -> None:
         reply.write_text(json.dumps(o["response"]))
         request.write_text(json.dumps(o["request"]))
         async with gate:
-            rc, stdout, _ = await _cli("verify", str(reply), "--request", str(request))
+            rc, stdout, _ = await _cli(
+                "verify", str(reply), "--request", str(request), *admission.verify_args()
+            )
         return rc, stdout
 
     for rc, stdout in await asyncio.gather(*(verify(o) for o in sample)):
@@ -101,7 +117,11 @@ async def _verify_sample(out: list[dict[str, Any]], tmp_path: Path) -> None:
 
 
 async def test_a_mixed_batch_completes_with_one_verified_line_per_input(
-    broker: BrokerProcess, namespace: str, running_worker: Worker, tmp_path: Path
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    tmp_path: Path,
+    admission: AdmissionFile,
 ) -> None:
     batch = write_batch_file(
         tmp_path / "in.jsonl", ml=ML, chat=CHAT, invalid=INVALID, bad_shape=BAD_SHAPE
@@ -114,6 +134,7 @@ async def test_a_mixed_batch_completes_with_one_verified_line_per_input(
         ClusterKafka(_client_kafka(broker.bootstrap)),
         Topics(namespace),
         options=BatchOptions(max_in_flight=256, timeout_s=60),
+        client_factory=_client(admission),
     )
     wall_s = time.monotonic() - started
     total = ML + CHAT + INVALID
@@ -136,11 +157,15 @@ async def test_a_mixed_batch_completes_with_one_verified_line_per_input(
     failures = (job / "failures.jsonl").read_bytes().splitlines()
     raw = batch.path.read_bytes().splitlines()
     assert failures == [raw[o["line"] - 1] for o in out if o["outcome"] != "result"]
-    await _verify_sample(out, tmp_path)
+    await _verify_sample(out, tmp_path, admission)
 
     # Submitting the finished job again sends nothing and writes the same outputs.
     again = await run_job(
-        batch.path, job, ClusterKafka(_client_kafka(broker.bootstrap)), Topics(namespace)
+        batch.path,
+        job,
+        ClusterKafka(_client_kafka(broker.bootstrap)),
+        Topics(namespace),
+        client_factory=_client(admission),
     )
     assert again["run"]["finished"] == 0 and again["outcomes"] == summary["outcomes"]
     assert _outputs(job) == out
@@ -160,7 +185,12 @@ async def _wait_finished(job: Path, at_least: int, proc: asyncio.subprocess.Proc
 
 
 async def _start_submit(
-    batch: BatchFile, job: Path, broker: BrokerProcess, namespace: str, *extra: str
+    batch: BatchFile,
+    job: Path,
+    broker: BrokerProcess,
+    namespace: str,
+    admission: AdmissionFile,
+    *extra: str,
 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -176,19 +206,23 @@ async def _start_submit(
         *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_cli_env(namespace),
+        env=_cli_env(namespace, admission),
     )
 
 
 async def test_a_killed_client_resumes_with_no_duplicate_and_no_gap(
-    broker: BrokerProcess, namespace: str, running_worker: Worker, tmp_path: Path
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    tmp_path: Path,
+    admission: AdmissionFile,
 ) -> None:
     batch = write_batch_file(
         tmp_path / "in.jsonl", ml=ML, chat=CHAT, invalid=INVALID, bad_shape=BAD_SHAPE
     )
     job = tmp_path / "job"
     total = ML + CHAT + INVALID
-    proc = await _start_submit(batch, job, broker, namespace)
+    proc = await _start_submit(batch, job, broker, namespace, admission)
     at_kill = await _wait_finished(job, total // 2, proc)
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
@@ -199,7 +233,7 @@ async def test_a_killed_client_resumes_with_no_duplicate_and_no_gap(
 
     rc, stdout, stderr = await _cli(
         "batch", "submit", str(batch.path), "--out", str(job), "--bootstrap", broker.bootstrap,
-        env=_cli_env(namespace),
+        env=_cli_env(namespace, admission),
     )  # fmt: skip
     assert rc == 0, stderr
     summary = json.loads(stdout)
@@ -224,15 +258,19 @@ async def test_a_killed_client_resumes_with_no_duplicate_and_no_gap(
     ours = {rid: n for rid, n in answers.items() if rid.startswith(f"{job_id}-")}
     assert len(ours) == total - INVALID
     assert set(ours.values()) == {1}
-    await _verify_sample(out, tmp_path)
+    await _verify_sample(out, tmp_path, admission)
 
 
 async def test_cancel_stops_a_running_job_and_status_reports_it(
-    broker: BrokerProcess, namespace: str, running_worker: Worker, tmp_path: Path
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    tmp_path: Path,
+    admission: AdmissionFile,
 ) -> None:
     batch = write_batch_file(tmp_path / "in.jsonl", ml=600, chat=0, invalid=0)
     job = tmp_path / "job"
-    proc = await _start_submit(batch, job, broker, namespace, "--max-in-flight", "2")
+    proc = await _start_submit(batch, job, broker, namespace, admission, "--max-in-flight", "2")
     await _wait_finished(job, 50, proc)
     rc, stdout, _ = await _cli("batch", "cancel", str(job))
     assert rc == 0 and json.loads(stdout) == {"cancelled": True, "running": True}
@@ -255,6 +293,6 @@ async def test_cancel_stops_a_running_job_and_status_reports_it(
     assert status["lines"] == 600 and status["finished"] == 600 - len(cancelled)
     rc, _, stderr = await _cli(
         "batch", "submit", str(batch.path), "--out", str(job), "--bootstrap", broker.bootstrap,
-        env=_cli_env(namespace),
+        env=_cli_env(namespace, admission),
     )  # fmt: skip
     assert rc == 2 and "cancelled" in stderr

@@ -46,6 +46,7 @@ from infra.dev.demo_models import add_fixed_latency_model
 from infra.kafka import KafkaSettings
 from schemas import MLInput, Tensor, Topics
 from schemas.codec import encode
+from tests.harness.admission import AdmissionFile
 from tests.harness.mock_cluster import ApiKey, ErrorCode, MockCluster
 from worker.app import Worker
 from worker.settings import WorkerSettings
@@ -94,7 +95,7 @@ def mock() -> Iterator[MockCluster]:
 
 
 @pytest.fixture
-def stack(mock: MockCluster, tmp_path: Path) -> Stack:
+def stack(mock: MockCluster, tmp_path: Path, admission: AdmissionFile) -> Stack:
     ns = "f" + uuid.uuid4().hex[:12]
     topics = Topics(ns)
     for name, partitions in [
@@ -118,7 +119,9 @@ def stack(mock: MockCluster, tmp_path: Path) -> Stack:
         cache_dir=tmp_path / "cache",
         key_dir=tmp_path / "keys",
         drain_timeout_s=10.0,
+        admission=admission.settings(),
     )
+    admission.admit_worker(settings)
     # The group coordinator stays on broker 1, so "broker 2 down" hits partition leaders only.
     mock.set_group_coordinator(settings.group_id, 1)
     return Stack(mock, topics, settings)

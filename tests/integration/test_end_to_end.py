@@ -24,6 +24,7 @@ from schemas import (
     encode,
 )
 from settlement.app import SettlementService
+from tests.harness.admission import AdmissionFile, trust_workers
 from tests.harness.support import eventually, fast_kafka, read_topic, settlement_counts
 from worker.app import Worker
 
@@ -49,21 +50,22 @@ async def test_200_requests_answered_once_signed_and_settled_once(
     namespace: str,
     running_worker: Worker,
     running_settlement: SettlementService,
+    admission: AdmissionFile,
 ) -> None:
     topics = Topics(namespace)
     requests = [build_request("demo-mlp", _ml(i)) for i in range(N_PER_MODEL)]
     requests += [build_request("demo-lm", _chat(i)) for i in range(N_PER_MODEL)]
 
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), topics, admission=admission.settings()
+    ) as client:
         futures = [await client.send(r) for r in requests]
         replies = await asyncio.wait_for(asyncio.gather(*futures), 120)
 
     by_id = {r.request_id: r for r in requests}
     for reply in replies:
         assert isinstance(reply, InferenceResult), reply
-        report = verify_result(
-            reply, by_id[reply.request_id], expected_node_ids={running_worker.signer.node_id}
-        )
+        report = verify_result(reply, by_id[reply.request_id], trust=trust_workers(running_worker))
         assert report.ok, report.as_dict()
 
     # Exactly once on the reply topic: read it back raw.
@@ -93,7 +95,10 @@ async def test_200_requests_answered_once_signed_and_settled_once(
 
 
 async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
-    broker: BrokerProcess, namespace: str, running_worker: Worker
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    admission: AdmissionFile,
 ) -> None:
     """A producer that omits every optional field can still verify its input hash."""
     topics = Topics(namespace)
@@ -106,7 +111,9 @@ async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
         "reply_to": topics.replies,
         "payload": payload,
     }
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), topics, admission=admission.settings()
+    ) as client:
         waiter = client.expect("minimal-1")
         producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
         await producer.start()
@@ -121,12 +128,17 @@ async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
 
 
 async def test_request_redelivered_to_the_same_worker_is_answered_once(
-    broker: BrokerProcess, namespace: str, running_worker: Worker
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    admission: AdmissionFile,
 ) -> None:
     topics = Topics(namespace)
     request = build_request("demo-mlp", _ml(3), reply_to=topics.replies)
     follow_up = build_request("demo-mlp", _ml(4), reply_to=topics.replies)
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), topics, admission=admission.settings()
+    ) as client:
         first = client.expect(request.request_id)
         second = client.expect(follow_up.request_id)
         producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())

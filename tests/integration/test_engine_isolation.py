@@ -14,6 +14,7 @@ import pytest
 from client import InferenceClient, build_request
 from infra.dev.broker import BrokerProcess
 from schemas import ChatInput, ChatMessage, InferenceResult, MLInput, SamplingParams, Tensor, Topics
+from tests.harness.admission import AdmissionFile
 from tests.harness.support import fast_kafka
 from worker.app import Worker
 
@@ -23,7 +24,7 @@ N_GENERATIONS = 16
 
 
 async def test_an_ml_request_is_not_queued_behind_llm_generations(
-    broker: BrokerProcess, namespace: str, running_worker: Worker
+    broker: BrokerProcess, namespace: str, running_worker: Worker, admission: AdmissionFile
 ) -> None:
     chat = ChatInput(
         messages=[ChatMessage(role="user", content="a long answer, please")],
@@ -31,7 +32,9 @@ async def test_an_ml_request_is_not_queued_behind_llm_generations(
     )
     ml = MLInput(tensors={"x": Tensor(dtype="float32", shape=[1, 4], data=[1, 2, 3, 4])})
     arrived: dict[str, float] = {}
-    async with InferenceClient(fast_kafka(broker.bootstrap), Topics(namespace)) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), Topics(namespace), admission=admission.settings()
+    ) as client:
         # Warm both engines so the measurement is not a cold load.
         await client.request(build_request("demo-mlp", ml), timeout_s=30)
         await client.request(build_request("demo-lm", chat.model_copy()), timeout_s=60)

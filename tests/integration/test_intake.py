@@ -18,7 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from schemas import (
 from schemas.topics import standard_topics
 from settlement.app import SettlementService
 from settlement.settings import SettlementSettings
+from tests.harness.admission import AdmissionFile, trust_in
 from tests.harness.support import eventually, fast_kafka, read_topic, settlement_counts
 from worker.app import Worker
 from worker.engines.base import Engine, EngineResult, RunContext
@@ -83,10 +84,29 @@ def _hub(tmp_path: Path, model: str, latency_ms: float) -> Path:
     return hub
 
 
+_DEPLOYMENT: list[AdmissionFile] = []
+"""The running test's admission authority: every worker the helpers below make is admitted."""
+
+
+@pytest.fixture(autouse=True)
+def _deployment(admission: AdmissionFile) -> Iterator[None]:
+    _DEPLOYMENT.append(admission)
+    yield
+    _DEPLOYMENT.clear()
+
+
+def _admission() -> AdmissionFile:
+    return _DEPLOYMENT[0]
+
+
+def _client(kafka: KafkaSettings, topics: Topics) -> InferenceClient:
+    return InferenceClient(kafka, topics, admission=_admission().settings())
+
+
 def _worker_settings(
     kafka: KafkaSettings, ns: str, model: str, hub: Path, state: Path, **overrides: Any
 ) -> WorkerSettings:
-    return WorkerSettings(
+    settings = WorkerSettings(
         namespace=ns,
         kafka=kafka,
         group_id=f"{ns}-workers",
@@ -94,8 +114,11 @@ def _worker_settings(
         hub_dir=hub,
         cache_dir=state / "cache",
         key_dir=state / "keys",
+        admission=_admission().settings(),
         **overrides,
     )
+    _admission().admit_worker(settings)
+    return settings
 
 
 class _InProcess:
@@ -191,7 +214,8 @@ def _assert_duplicates_agree(
     for reply in replies:
         assert isinstance(reply, InferenceResult), reply
         assert reply.request_id in by_id
-        report = verify_result(reply, by_id[reply.request_id])
+        trust = trust_in(_admission().nodes.items())
+        report = verify_result(reply, by_id[reply.request_id], trust=trust)
         assert report.ok, report.as_dict()
         hashes[reply.request_id].add((reply.envelope.output_hash, reply.envelope.input_hash))
     disagreeing = {rid: h for rid, h in hashes.items() if len(h) != 1}
@@ -202,6 +226,8 @@ def _child_env(
     bootstrap: str, ns: str, model: str, hub: Path, state: Path, **extra: str
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OG_WORKER_")}
+    _admission().admit_worker(_worker_settings(KafkaSettings(), ns, model, hub, state))
+    env.update(_admission().env("OG_WORKER_"))
     env.update(
         {
             "OG_WORKER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -302,7 +328,7 @@ async def test_concurrency_reaches_the_window_and_never_exceeds_it(
     )
     requests = _requests(model, 256)
 
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    async with _client(fast_kafka(broker.bootstrap), topics) as client:
         # Everything is on the partition before the worker starts, so the window can fill
         # regardless of how fast this test produces.
         futures = await _send_all(client, requests)
@@ -340,7 +366,7 @@ async def test_engine_slower_than_max_poll_interval_keeps_partitions(
     revoked: list[set[TopicPartition]] = []
     assigned: list[set[TopicPartition]] = []
 
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    async with _client(fast_kafka(broker.bootstrap), topics) as client:
         async with _serving(settings) as worker:
             intake = worker.intake
             assert intake is not None
@@ -393,7 +419,7 @@ async def test_rebalance_mid_run_answers_everything_and_commits_to_the_end(
 
     try:
         worker_a = await proc_a.start()
-        async with InferenceClient(kafka, topics) as client:
+        async with _client(kafka, topics) as client:
 
             async def produce() -> None:
                 # ~3 s at a steady pace; B starts after ~1 s.
@@ -484,7 +510,7 @@ async def test_commit_stops_at_an_unanswered_offset_and_a_successor_answers_it(
     requests = _requests(model, 20)
     stuck = requests[3]
 
-    async with InferenceClient(kafka, topics) as client:
+    async with _client(kafka, topics) as client:
         sent = await _send_all(client, requests)
         futures = dict(zip([r.request_id for r in requests], sent, strict=True))
         on_topic = await read_topic(broker.bootstrap, topic)
@@ -545,7 +571,7 @@ async def test_sigterm_drains_commits_answered_work_and_a_successor_answers_the_
     children: list[_Child] = []
 
     try:
-        async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+        async with _client(fast_kafka(broker.bootstrap), topics) as client:
             futures = await _send_all(client, requests)
             first = _Child(env, tmp_path / "run", "first")
             children.append(first)
@@ -632,6 +658,7 @@ async def test_sigkill_and_restart_answers_all_2000_and_settles_each_once_per_no
             kafka=fast_kafka(broker.bootstrap),
             group_id=f"{ns}-settlement",
             ledger_url=str(tmp_path / "ledger.sqlite3"),
+            admission=_admission().settings(),
         )
     )
     children: list[_Child] = []
@@ -647,7 +674,7 @@ async def test_sigkill_and_restart_answers_all_2000_and_settles_each_once_per_no
         # Both own partitions before any request is produced, so the victim has work to lose.
         await eventually(lambda: all(w.assigned_partitions() for w in workers), timeout_s=60)
 
-        async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+        async with _client(fast_kafka(broker.bootstrap), topics) as client:
             futures: list[AnyFuture] = []
 
             async def produce() -> None:
@@ -728,7 +755,7 @@ async def test_a_second_signal_exits_at_once_without_draining(
     )
     child = _Child(env, tmp_path / "run", "impatient")
     try:
-        async with InferenceClient(fast_kafka(broker.bootstrap), Topics(ns)) as client:
+        async with _client(fast_kafka(broker.bootstrap), Topics(ns)) as client:
             await _send_all(client, _requests(model, 10))
             await child.wait_ready()
             await asyncio.sleep(1.0)  # requests are now executing (5 s each)

@@ -20,9 +20,11 @@ from infra.dev.broker import BrokerProcess
 from infra.dev.processes import log_tail, spawn, terminate
 from schemas import ChatInput, ErrorReply, InferenceResult, MLInput, Topics
 from schemas.results import ErrorCode
+from tests.harness.admission import AdmissionFile, trust_in
 from tests.harness.hub_server import HubServer
 from tests.harness.support import eventually, fast_kafka, read_topic
 from worker.modelstore.local_hub import LocalHub
+from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.kafka
 
@@ -49,19 +51,28 @@ def _worker_env(ns: str, bootstrap: str, hub_url: str, cache: Path, state: Path)
 
 
 async def test_four_workers_download_each_blob_once_and_all_serve(
-    broker: BrokerProcess, namespace: str, demo_hub: Path, tmp_path: Path
+    broker: BrokerProcess,
+    namespace: str,
+    demo_hub: Path,
+    tmp_path: Path,
+    admission: AdmissionFile,
 ) -> None:
     index = LocalHub(demo_hub).index()
     cache = tmp_path / "shared-cache"
     with HubServer(demo_hub) as hub:
         hub.delay_s = 0.02  # keep each download in flight while the other workers start
         states = [tmp_path / f"w{i}" for i in range(WORKERS)]
+        for state in states:  # their keys, made now, admitted before they start
+            admission.admit_worker(WorkerSettings(key_dir=state / "keys"))
         procs = [
             spawn(
                 [sys.executable, "-m", "nodecli.main", "worker", "--ready-file", str(s / "ready")],
                 log_path=s / "worker.log",
                 detach=False,
-                env=_worker_env(namespace, broker.bootstrap, hub.url, cache, s),
+                env={
+                    **_worker_env(namespace, broker.bootstrap, hub.url, cache, s),
+                    **admission.env("OG_WORKER_"),
+                },
             )
             for s in states
         ]
@@ -80,7 +91,7 @@ async def test_four_workers_download_each_blob_once_and_all_serve(
             for ref in index.models:
                 assert hub.gets(ref.uri) == [None], f"{ref.name} fetched more than once"
 
-            await _every_worker_answers(broker, namespace, node_ids)
+            await _every_worker_answers(broker, namespace, node_ids, admission)
         finally:
             for proc in procs:
                 terminate(proc, timeout_s=20)
@@ -89,7 +100,9 @@ async def test_four_workers_download_each_blob_once_and_all_serve(
         assert len(hub.gets(ref.uri)) == 1
 
 
-async def _every_worker_answers(broker: BrokerProcess, namespace: str, node_ids: set[str]) -> None:
+async def _every_worker_answers(
+    broker: BrokerProcess, namespace: str, node_ids: set[str], admission: AdmissionFile
+) -> None:
     topics = Topics(namespace)
     fixed_point = MLInput.model_validate(
         {
@@ -121,7 +134,8 @@ async def _every_worker_answers(broker: BrokerProcess, namespace: str, node_ids:
             build_request("demo-mlp", wrong_shape),
         )
     }
-    async with InferenceClient(fast_kafka(broker.bootstrap), topics) as client:
+    client = InferenceClient(fast_kafka(broker.bootstrap), topics, admission=admission.settings())
+    async with client:
         futures = [await client.send(r) for r in requests.values()]
         await asyncio.wait_for(asyncio.gather(*futures), 60)
 
@@ -152,7 +166,7 @@ async def _every_worker_answers(broker: BrokerProcess, namespace: str, node_ids:
         results = [r for r in replies if isinstance(r, InferenceResult)]
         assert len(results) == WORKERS
         for result in results:
-            report = verify_result(result, request, expected_node_ids=node_ids)
+            report = verify_result(result, request, trust=trust_in(admission.nodes.items()))
             assert report.ok, report.as_dict()
         assert {r.envelope.node_id for r in results} == node_ids
         # Same artifact, same input: every node commits to the same output.

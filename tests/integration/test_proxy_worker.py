@@ -19,6 +19,7 @@ from schemas.requests import FunctionSpec, InferenceRequest, Tool
 from schemas.results import ChatOutput, InferenceResult, StreamChunk
 from schemas.signing import verify_envelope_signature
 from schemas.topics import TopicSpec
+from tests.harness.admission import AdmissionFile, trust_workers
 from tests.harness.providers import anthropic_wire as awire
 from tests.harness.providers import openai_wire as owire
 from tests.harness.providers.server import ProviderServer, Received, Reply
@@ -113,16 +114,19 @@ async def test_proxied_models_answer_signed_verifiable_results(
     namespace: str,
     providers: dict[str, ProviderServer],
     running_worker: Worker,
+    admission: AdmissionFile,
 ) -> None:
     requests = {m: _request(m) for m in (GPT, CLAUDE)}
-    async with InferenceClient(fast_kafka(broker.bootstrap), Topics(namespace)) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), Topics(namespace), admission=admission.settings()
+    ) as client:
         replies = await asyncio.gather(*(client.request(r, 30) for r in requests.values()))
 
     expected_text = {GPT: "Bonjour, Ada", CLAUDE: "Hello there"}
     expected_digest = {GPT: b"openai:gpt-test", CLAUDE: b"anthropic:claude-test"}
     for (model, request), reply in zip(requests.items(), replies, strict=True):
         assert isinstance(reply, InferenceResult), reply
-        report = verify_result(reply, request, expected_node_ids={running_worker.signer.node_id})
+        report = verify_result(reply, request, trust=trust_workers(running_worker))
         assert report.ok, report.as_dict()
         assert verify_envelope_signature(reply.envelope, reply.signature)
         assert isinstance(reply.output, ChatOutput) and reply.output.text == expected_text[model]
@@ -139,10 +143,13 @@ async def test_streamed_chunks_reassemble_to_the_signed_output(
     namespace: str,
     providers: dict[str, ProviderServer],
     running_worker: Worker,
+    admission: AdmissionFile,
 ) -> None:
     chunks: dict[str, list[StreamChunk]] = {GPT: [], CLAUDE: []}
     requests = {m: _request(m, stream=True) for m in (GPT, CLAUDE)}
-    async with InferenceClient(fast_kafka(broker.bootstrap), Topics(namespace)) as client:
+    async with InferenceClient(
+        fast_kafka(broker.bootstrap), Topics(namespace), admission=admission.settings()
+    ) as client:
         replies = await asyncio.gather(
             *(client.request(r, 30, on_chunk=chunks[m].append) for m, r in requests.items())
         )

@@ -29,11 +29,11 @@ from schemas.proofs import PROOF_DOMAIN, ProofClaims, ProofRecord
 from schemas.requests import input_hash
 from schemas.results import MLOutput, ResultEnvelope, Usage, output_hash
 from schemas.settlement import SettlementRecord
-from schemas.signing import Signer
 from settlement.app import SettlementService
 from settlement.ledger import Accepted, Ledger, Origin, PostgresLedger, ProofEntry, SqliteLedger
 from settlement.settings import ProofSettings, SettlementSettings
-from tests.harness.pipeline import CHAIN_SIGNER
+from tests.harness.admission import AdmissionFile, trust_in
+from tests.harness.nodes import TestNode
 from tests.harness.support import eventually, fast_kafka, read_topic, register_node
 from worker.app import compose_intake
 from worker.intake import Intake, IntakeConfig
@@ -51,7 +51,8 @@ from worker.zkml import (
 )
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-SIGNER = Signer(b"\x09" * 32)
+NODE = TestNode.seeded(9)
+SIGNER = NODE.signer
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def settlement_settings(
     namespace: str,
     tmp_path: Path,
     zk_env: tuple[ZkSettings, Path, PreparedCircuit, Path],
+    admission: AdmissionFile,
 ) -> SettlementSettings:
     return SettlementSettings(
         namespace=namespace,
@@ -87,6 +89,7 @@ def settlement_settings(
         group_id=f"{namespace}-settlement",
         ledger_url=str(tmp_path / "ledger.sqlite3"),
         zk=ProofSettings(vk_store_dir=zk_env[3], allow_dev_srs=True),
+        admission=admission.settings(),
     )
 
 
@@ -100,14 +103,20 @@ async def _start_worker(
     """The worker as ``Worker.setup`` composes it, with the ZKML mode plugged in."""
     zk, cache_dir, _, _ = zk_env
     topics = Topics(namespace)
-    # Built piece by piece here, so register as Worker.setup would (settlement requires it).
-    await register_node(broker.bootstrap, topics.registry, SIGNER, models=("demo-mlp", "demo-lm"))
     cache = open_cache(demo_hub, cache_dir, CacheSettings())
     engines = await build_engines(cache, ["demo-mlp", "demo-lm"], CacheSettings())
+    # Built piece by piece here, so register as Worker.setup would (settlement requires it).
+    await register_node(
+        broker.bootstrap,
+        topics.registry,
+        NODE,
+        models={name: engine.model_digest for name, engine in engines.items()},
+        modes=(VerificationMode.VANILLA, VerificationMode.ZKML),
+    )
     circuits = await prepare_circuits(zk, cache, list(engines), cache_dir)  # cached: fast
     handler = ZkmlModeHandler(circuits, SIGNER, proof_publisher(producer, topics), zk)
     handler.start()
-    pipeline = Pipeline(engines, SIGNER, CHAIN_SIGNER, modes={VerificationMode.ZKML: handler})
+    pipeline = Pipeline(engines, SIGNER, NODE.chain, modes={VerificationMode.ZKML: handler})
     kafka = ClusterKafka(fast_kafka(broker.bootstrap))
     consumer = kafka.consumer(f"{namespace}-workers")
     intake = compose_intake(
@@ -135,7 +144,9 @@ async def test_zkml_result_first_then_a_verified_proof_and_forgeries_rejected(
     demo_hub: Path,
     zk_env: tuple[ZkSettings, Path, PreparedCircuit, Path],
     running_settlement: SettlementService,
+    admission: AdmissionFile,
 ) -> None:
+    admission.admit(NODE.node_id, NODE.chain_address)
     topics = Topics(namespace)
     kafka = fast_kafka(broker.bootstrap)
     producer = ClusterKafka(kafka).producer()
@@ -146,13 +157,14 @@ async def test_zkml_result_first_then_a_verified_proof_and_forgeries_rejected(
     try:
         zkml = build_request("demo-mlp", _ml([0.5, -1.0, 2.0, 0.25]), mode=VerificationMode.ZKML)
         vanilla = build_request("demo-mlp", _ml([1.0, 0.0, -0.5, 0.75]))
-        async with InferenceClient(kafka, topics) as client:
+        async with InferenceClient(kafka, topics, admission=admission.settings()) as client:
             replies = await asyncio.wait_for(
                 asyncio.gather(*[await client.send(r) for r in (zkml, vanilla)]), 60
             )
         for reply, request in zip(replies, (zkml, vanilla), strict=True):
             assert isinstance(reply, InferenceResult)
-            assert verify_result(reply, request, expected_node_ids={SIGNER.node_id}).ok
+            trust = trust_in([(NODE.node_id, NODE.chain_address)])
+            assert verify_result(reply, request, trust=trust).ok
         assert replies[0].envelope.mode is VerificationMode.ZKML
 
         ledger = running_settlement.ledger

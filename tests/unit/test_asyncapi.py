@@ -24,6 +24,8 @@ from referencing.jsonschema import DRAFT7, DRAFT202012
 from client.requests import build_request
 from schemas import ChatInput, ChatMessage, ErrorCode, ErrorReply, SettlementRecord
 from schemas.results import StreamChunk
+from tests.harness.pipeline import CHAIN_SIGNER, SIGNER
+from worker.answers import Answers
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = ROOT / "docs" / "asyncapi.yaml"
@@ -160,15 +162,12 @@ def test_payload_schemas_accept_real_messages(doc: dict[str, Any]) -> None:
         "demo-lm", ChatInput(messages=[ChatMessage(role="user", content="hello")])
     )
     assert _payload_validator(doc, "InferenceRequest").is_valid(_json(request))
-    error = ErrorReply(
-        request_id=request.request_id,
-        model="demo-lm",
-        code=ErrorCode.UNKNOWN_MODEL,
-        message="nope",
-        created_unix_ms=1,
-    )
+    answers = Answers(SIGNER, CHAIN_SIGNER, lambda: 1)
+    error = answers.error(request.request_id, "demo-lm", ErrorCode.UNKNOWN_MODEL, "nope")
+    assert isinstance(error, ErrorReply)
     assert _payload_validator(doc, "ErrorReply").is_valid(_json(error))
-    chunk = StreamChunk(request_id=request.request_id, index=0, text="he")
+    chunk = answers.chunk(request.request_id, 0, "he", [])
+    assert isinstance(chunk, StreamChunk)
     assert _payload_validator(doc, "StreamChunk").is_valid(_json(chunk))
     reply_union = _payload_validator(doc, "Reply")
     assert reply_union.is_valid(_json(error)) and reply_union.is_valid(_json(chunk))
@@ -176,6 +175,6 @@ def test_payload_schemas_accept_real_messages(doc: dict[str, Any]) -> None:
     bad = _json(request)
     bad["payload"]["kind"] = "telepathy"
     assert not _payload_validator(doc, "InferenceRequest").is_valid(bad)
-    record = {"schema_version": 1, "type": "settlement_record", "signature": "00"}
+    record = {"schema_version": 2, "type": "settlement_record", "signature": "00"}
     assert not _payload_validator(doc, "SettlementRecord").is_valid(record)
     assert SettlementRecord.__name__ in doc["components"]["schemas"]
