@@ -91,6 +91,7 @@ async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: f
         NodeSealer(load_or_create_seed(keys / "node_x25519.key")).public_key_hex,
         model=MODEL,
         node_seed=load_or_create_seed(keys / "node_ed25519.key"),
+        chain_key=load_or_create_seed(keys / "node_secp256k1.key"),
     )
     cases = hostile_corpus(ctx)
     async with TopicTap(kafka, topics.replies) as replies, TopicTap(kafka, topics.dlq) as dlq:

@@ -31,6 +31,8 @@ from infra.kafka import KafkaSettings
 from infra.kafka.admin import ensure_topics
 from schemas import InferenceRequest, MLInput, Tensor, Topics, encode
 from schemas.topics import standard_topics
+from tests.harness.admission import AdmissionFile
+from worker.settings import WorkerSettings
 
 __all__ = [
     "Child",
@@ -88,33 +90,49 @@ def _base_env(prefix: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OG_", prefix))}
 
 
+def _admission(run: Path) -> AdmissionFile:
+    """The run's pinned admission authority (one list beside every node and ledger of it)."""
+    return AdmissionFile(run / "admission.json")
+
+
 def worker_env(bootstrap: str, topics: Topics, hub: Path, state: Path) -> dict[str, str]:
-    return _base_env("OG_WORKER_") | {
-        "OG_WORKER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "OG_WORKER_KAFKA__SESSION_TIMEOUT_MS": "3000",
-        "OG_WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
-        "OG_WORKER_NAMESPACE": topics.namespace,
-        "OG_WORKER_GROUP_ID": f"{topics.namespace}-workers",
-        "OG_WORKER_MODELS": json.dumps([MODEL]),
-        "OG_WORKER_HUB_DIR": str(hub),
-        "OG_WORKER_CACHE_DIR": str(state / "cache"),
-        "OG_WORKER_KEY_DIR": str(state / "keys"),
-        "OG_WORKER_DRAIN_TIMEOUT_S": "10",
-        "OG_WORKER_LOG_LEVEL": "INFO",
-    }
+    """A worker that the run's authority admits (its keys are made now)."""
+    admission = _admission(state.parent)
+    admission.admit_worker(WorkerSettings(key_dir=state / "keys"))
+    return (
+        _base_env("OG_WORKER_")
+        | admission.env("OG_WORKER_")
+        | {
+            "OG_WORKER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "OG_WORKER_KAFKA__SESSION_TIMEOUT_MS": "3000",
+            "OG_WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+            "OG_WORKER_NAMESPACE": topics.namespace,
+            "OG_WORKER_GROUP_ID": f"{topics.namespace}-workers",
+            "OG_WORKER_MODELS": json.dumps([MODEL]),
+            "OG_WORKER_HUB_DIR": str(hub),
+            "OG_WORKER_CACHE_DIR": str(state / "cache"),
+            "OG_WORKER_KEY_DIR": str(state / "keys"),
+            "OG_WORKER_DRAIN_TIMEOUT_S": "10",
+            "OG_WORKER_LOG_LEVEL": "INFO",
+        }
+    )
 
 
 def settlement_env(bootstrap: str, topics: Topics, ledger: Path) -> dict[str, str]:
-    return _base_env("OG_SETTLEMENT_") | {
-        "OG_SETTLEMENT_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "OG_SETTLEMENT_KAFKA__SESSION_TIMEOUT_MS": "3000",
-        "OG_SETTLEMENT_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
-        "OG_SETTLEMENT_NAMESPACE": topics.namespace,
-        "OG_SETTLEMENT_GROUP_ID": f"{topics.namespace}-settlement",
-        "OG_SETTLEMENT_LEDGER_URL": str(ledger),
-        "OG_SETTLEMENT_ANCHOR": "false",
-        "OG_SETTLEMENT_LOG_LEVEL": "INFO",
-    }
+    return (
+        _base_env("OG_SETTLEMENT_")
+        | _admission(ledger.parent).env("OG_SETTLEMENT_")
+        | {
+            "OG_SETTLEMENT_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "OG_SETTLEMENT_KAFKA__SESSION_TIMEOUT_MS": "3000",
+            "OG_SETTLEMENT_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+            "OG_SETTLEMENT_NAMESPACE": topics.namespace,
+            "OG_SETTLEMENT_GROUP_ID": f"{topics.namespace}-settlement",
+            "OG_SETTLEMENT_LEDGER_URL": str(ledger),
+            "OG_SETTLEMENT_ANCHOR": "false",
+            "OG_SETTLEMENT_LOG_LEVEL": "INFO",
+        }
+    )
 
 
 @dataclass(frozen=True)

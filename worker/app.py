@@ -12,6 +12,7 @@ are supervised: one that dies fails readiness and stops the worker (exit non-zer
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from pathlib import Path
@@ -95,7 +96,22 @@ async def load_engines(
             await engine.close()
         raise WorkerFatal(f"proxied models clash with hub models: {sorted(clash)}")
     engines.update(await load_proxy_engines(settings.proxy, metrics=metrics))
+    if metrics is not None:
+        _observe_batches(engines, metrics)
     return engines
+
+
+def _observe_batches(engines: dict[str, Engine], metrics: WorkerMetrics) -> None:
+    """Feed og_worker_engine_batch_requests from every loaded vLLM engine (pre-warmed ones:
+    the default, and what a vLLM deployment wants; a model loaded on demand is not seen)."""
+    import sys
+
+    vllm = sys.modules.get("worker.engines.vllm")  # loaded only where a vLLM model is
+    if vllm is None:
+        return
+    for name, engine in engines.items():
+        if isinstance(engine, vllm.VLLMEngine):
+            engine.observe_batches(functools.partial(metrics.engine_step, name))
 
 
 def _registered_models(

@@ -173,6 +173,10 @@ class Intake:
             self._supervisor.spawn("intake-metrics", self._metrics_loop())
         try:
             await self._fetch_loop()
+        except Exception as e:  # an error no port promises (a bug): stop cleanly, non-zero
+            log.critical("fetching failed; stopping", extra={"error_type": type(e).__name__})
+            if self.fatal is None:
+                self.fatal = e
         finally:
             await self._finish(self._all_tasks(), self._config.drain_timeout_s)
             await self._supervisor.stop()
@@ -449,8 +453,11 @@ class Intake:
         try:
             async with asyncio.timeout(self._config.commit_timeout_s):
                 await self._commit(tps, attempts=_FINAL_COMMIT_ATTEMPTS)
-        except TimeoutError:
-            log.warning("final commit not done in time", extra={"partitions": len(tps)})
+        except Exception as e:  # out of time, or a bug: never a reason to fail shutdown
+            log.warning(
+                "final commit not done",
+                extra={"error_type": type(e).__name__, "partitions": len(tps)},
+            )
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:

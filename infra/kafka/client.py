@@ -127,9 +127,15 @@ class AiokafkaConsumer(Consumer):
         return {TopicPartition(*tp) for tp in self._consumer.assignment()}
 
     async def partitions_for(self, topic: str) -> set[int]:
+        known = self._consumer.partitions_for_topic(topic)
+        if known:
+            return set(known)
+        # Fresh metadata of every topic, without naming this one (no auto-creation). The
+        # consumer's own ``topics()`` fetches it but drops it: its cached cluster (refreshed
+        # every metadata_max_age_ms) would not show a topic created minutes ago.
         async with _translated():
-            await self._consumer.topics()  # refreshes metadata
-        return set(self._consumer.partitions_for_topic(topic) or ())
+            cluster = await self._consumer._client.fetch_all_metadata()
+        return set(cluster.partitions_for_topic(topic) or ())
 
     async def getmany(
         self, *, timeout_ms: int = 0, max_records: int | None = None

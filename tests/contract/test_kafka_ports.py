@@ -219,6 +219,20 @@ class KafkaPortsContract:
         with pytest.raises(BrokerUnavailable):
             await reader.getmany()
 
+    async def test_a_topic_created_after_a_reader_started_is_found_and_a_missing_one_not(
+        self, kafka: Kafka, new_topic: NewTopic, stack: AsyncExitStack
+    ) -> None:
+        # A client's own reply topic, created by the operator while workers run: a worker's
+        # metadata cache must not refuse it for minutes (``worker.replies``).
+        first = await new_topic(1)
+        reader = await self.reader(kafka, stack, first, 1)
+        assert await reader.partitions_for(first) == {0}
+        later = await new_topic(3)
+        assert await reader.partitions_for(later) == {0, 1, 2}
+        never = "t" + uuid.uuid4().hex[:12]
+        assert await reader.partitions_for(never) == set()
+        assert await reader.partitions_for(never) == set()  # still not created by looking
+
     async def test_pause_holds_a_partition_back_until_resume(
         self, kafka: Kafka, new_topic: NewTopic, stack: AsyncExitStack
     ) -> None:

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from infra.admission import AdmissionSettings
-from schemas.admission import AdmissionList, AdmittedNode, ApprovedMeasurement, sign_admission_list
+from schemas.admission import (
+    AdmissionList,
+    AdmittedNode,
+    ApprovedMeasurement,
+    SignedAdmissionList,
+    sign_admission_list,
+)
 from schemas.signing import Signer
 from schemas.verify.admission import Admissions, NodeAdmission
 from schemas.verify.result import Trust
@@ -32,10 +38,16 @@ class AdmissionFile:
     """One deployment's signed admission list; ``admit``/``revoke`` publish a newer one."""
 
     def __init__(self, path: Path, authority: Signer = AUTHORITY) -> None:
+        """A deployment's list at ``path``: the one there (admitting what it admits), or a
+        new, empty one."""
         self.path = path
         self.authority = authority
         self.nodes: dict[str, str] = {}
         self.measurements: set[tuple[str, str]] = set()
+        if path.exists():
+            signed = SignedAdmissionList.model_validate_json(path.read_bytes())
+            self.nodes = {n.node_id: n.chain_address for n in signed.list.nodes}
+            self.measurements = {(m.kind, m.measurement) for m in signed.list.measurements}
         self.write()
 
     def settings(self, refresh_interval_s: float = 0.3) -> AdmissionSettings:

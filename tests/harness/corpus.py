@@ -20,6 +20,7 @@ canary never appears in clear in a DLQ entry or a log. ``raw`` is ``None`` for a
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 import uuid
@@ -31,16 +32,18 @@ from nacl.public import PrivateKey
 from nacl.secret import SecretBox
 
 from schemas import limits
-from schemas.base import VerificationMode
+from schemas.base import SettlementMode, VerificationMode
 from schemas.canonical import canonical_bytes
 from schemas.codec import encode
 from schemas.requests import InferenceRequest, MLInput
-from schemas.results import ResultEnvelope, Usage
+from schemas.results import Usage
 from schemas.sealed import SealedPlaintext
 from schemas.sealing import seal_request
 from schemas.settlement import SettlementRecord
-from schemas.signing import Signer
+from schemas.signing import ChainSigner, Signer
 from schemas.topics import Topics
+from schemas.version import SCHEMA_VERSION
+from tests.harness.nodes import TestNode
 
 __all__ = ["CANARY", "Case", "CorpusContext", "Expected", "hostile_corpus"]
 
@@ -57,6 +60,8 @@ class Expected:
     """ErrorCode value (error), og-reason prefix (dlq) or rejection reason (rejected)."""
     request_id: str | None = None
     """Where the reply goes for ``error``/``result``; None when no id can be read."""
+    reply_key: bytes | None = None
+    """A sealed case's one-time X25519 private key: its error comes sealed to it."""
 
 
 class Case(NamedTuple):
@@ -75,6 +80,9 @@ class CorpusContext:
     node_seed: bytes | None = None
     """The worker's ed25519 seed, to sign settlement records as a registered node would.
     None: a fixed key (that no registration names)."""
+    chain_key: bytes | None = None
+    """The worker's secp256k1 key (its records' chain signatures); None: derived from the
+    seed as ``tests.harness.nodes.TestNode`` does."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
@@ -99,13 +107,15 @@ class _Builder:
     def __init__(self, ctx: CorpusContext) -> None:
         self.ctx = ctx
         self.cases: list[Case] = []
+        self.reply_keys: dict[str, bytes] = {}
+        """Request id → the one-time key its (sealed) answer is sealed to."""
 
     def rid(self, name: str) -> str:
         return f"hc-{self.ctx.run_id}-{name}"
 
     def request(self, name: str, **fields: Any) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "type": "inference_request",
             "request_id": self.rid(name),
             "model": self.ctx.model,
@@ -123,7 +133,9 @@ class _Builder:
     def error(self, name: str, code: str, raw: bytes | None = None, **fields: Any) -> None:
         """A request that must be answered with ``code``; ``raw`` overrides the encoding."""
         body = raw if raw is not None else json.dumps(self.request(name, **fields)).encode()
-        self.add(name, body, Expected("request", "error", code, self.rid(name)))
+        rid = self.rid(name)
+        expected = Expected("request", "error", code, rid, self.reply_keys.get(rid))
+        self.add(name, body, expected)
 
     def dlq(self, name: str, reason: str, raw: bytes | None) -> None:
         self.add(name, raw, Expected("request", "dlq", reason))
@@ -190,7 +202,9 @@ def _envelope_fields(b: _Builder) -> None:
     b.error("missing_model", "bad_request", model=_DROP)
     b.error("model_wrong_type", "bad_request", model=5)
     b.error("model_bad_name", "bad_request", model="Demo MLP!")
-    b.error("model_lone_surrogate", "bad_request", model="demo-\ud800")
+    # Not I-JSON (RFC 7493): nothing in it can be trusted, not even its request id.
+    lone = json.dumps(b.request("model_lone_surrogate", model="demo-\ud800")).encode()
+    b.dlq("model_lone_surrogate", "not UTF-8 JSON", lone)
     b.error("unknown_model", "unknown_model", model="not-served-anywhere")
     other = "demo-lm" if b.ctx.model != "demo-lm" else "demo-mlp"
     b.error("other_model_on_this_topic", "unknown_model", model=other)
@@ -202,7 +216,8 @@ def _envelope_fields(b: _Builder) -> None:
         payload={"kind": "chat", "messages": [{"role": "user", "content": CANARY}]},
     )
     b.error("extra_top_level_field", "bad_request", evil=CANARY)
-    b.error("schema_version_2", "bad_request", schema_version=2)
+    b.error("schema_version_3", "bad_request", schema_version=3)
+    b.error("schema_version_1", "bad_request", schema_version=1)
     b.error("wrong_message_type", "bad_request", type="inference_result")
     b.error("mode_unknown", "bad_request", mode="FAST")
     b.error("mode_lowercase", "bad_request", mode="vanilla")
@@ -219,11 +234,11 @@ def _envelope_fields(b: _Builder) -> None:
 def _numbers_and_tensors(b: _Builder) -> None:
     """Numbers JSON can carry but the contract refuses, and tensors the model cannot take."""
     nan = json.dumps(b.request("nan_element", payload=_ml([float("nan"), 0, 0, 0]))).encode()
-    b.error("nan_element", "bad_request", nan)
+    b.dlq("nan_element", "not UTF-8 JSON", nan)  # NaN, Infinity and 1e400 are not JSON
     inf = json.dumps(b.request("infinity_element", payload=_ml([float("inf"), 0, 0, 0]))).encode()
-    b.error("infinity_element", "bad_request", inf)
+    b.dlq("infinity_element", "not UTF-8 JSON", inf)
     big = json.dumps(b.request("float_1e400", payload=_ml([0.0, 0, 0, 0]))).encode()
-    b.error("float_1e400", "bad_request", big.replace(b"[0.0, 0, 0, 0]", b"[1e400, 0, 0, 0]"))
+    b.dlq("float_1e400", "not UTF-8 JSON", big.replace(b"[0.0, 0, 0, 0]", b"[1e400, 0, 0, 0]"))
     b.error("int_beyond_2_53", "bad_request", payload=_ml([2**60, 0, 0, 0]))
     b.error("float32_overflow", "bad_request", payload=_ml([1e39, 0, 0, 0]))
     b.error("bool_in_float_tensor", "bad_request", payload=_ml([True, 0, 0, 0]))
@@ -260,10 +275,10 @@ def _numbers_and_tensors(b: _Builder) -> None:
 def _routing(b: _Builder) -> None:
     """Reply topics a client must not be able to make a worker write to."""
     topics = b.ctx.topics
-    b.error("reply_to_settlement", "bad_request", reply_to=topics.settlement)
-    b.error("reply_to_registry", "bad_request", reply_to=topics.registry)
-    b.error("reply_to_dlq", "bad_request", reply_to=topics.dlq)
-    b.error("reply_to_request_topic", "bad_request", reply_to=topics.infer(b.ctx.model))
+    b.error("reply_to_settlement", "reply_topic_refused", reply_to=topics.settlement)
+    b.error("reply_to_registry", "reply_topic_refused", reply_to=topics.registry)
+    b.error("reply_to_dlq", "reply_topic_refused", reply_to=topics.dlq)
+    b.error("reply_to_request_topic", "reply_topic_refused", reply_to=topics.infer(b.ctx.model))
     b.error("reply_to_invalid_name", "bad_request", reply_to="../../etc/passwd")
 
 
@@ -280,7 +295,9 @@ def _sealed(b: _Builder) -> None:
             created_unix_ms=_now_ms(),
             payload=ml,
         )
-        doc: dict[str, Any] = json.loads(encode(seal_request(request, recipients).request))
+        sealed = seal_request(request, recipients)
+        b.reply_keys[request.request_id] = bytes(sealed.reply_key)
+        doc: dict[str, Any] = json.loads(encode(sealed.request))
         doc["payload"].update(changes)
         return doc
 
@@ -306,30 +323,43 @@ def _sealed(b: _Builder) -> None:
     b.error("sealed_bad_reply_key", "bad_request", raw=json.dumps(bad_reply_key).encode())
     streamed = sealed_doc("sealed_streamed", [node_key])
     streamed["stream"] = True
-    b.error("sealed_streamed", "invalid_request", raw=json.dumps(streamed).encode())
+    # The clear "stream" differs from what was sealed: the node refuses to act on either.
+    b.error("sealed_streamed", "sealed_mismatch", raw=json.dumps(streamed).encode())
     # Sealed for one request id, replayed under another.
     moved = sealed_doc("sealed_other_request", [node_key])
     moved["request_id"] = b.rid("sealed_moved")
     b.add(
         "sealed_replayed_under_other_id",
         json.dumps(moved).encode(),
-        Expected("request", "error", "bad_request", b.rid("sealed_moved")),
-    )
-    # Opens fine, but the plaintext inside is not a valid payload.
-    for name, plaintext in [
-        ("sealed_inner_not_json", f"not json {CANARY}".encode()),
-        (
-            "sealed_inner_invalid",
-            canonical_bytes(
-                SealedPlaintext(
-                    request_id=b.rid("sealed_inner_invalid"),
-                    model=b.ctx.model,
-                    payload={"kind": "ml", "tensors": {}},
-                )
-            ),
+        Expected(
+            "request",
+            "error",
+            "bad_request",
+            b.rid("sealed_moved"),
+            b.reply_keys[b.rid("sealed_other_request")],
         ),
-    ]:
+    )
+
+    # Opens fine, binds the clear fields, but the plaintext inside is not a valid payload.
+    def bound(doc: dict[str, Any]) -> bytes:
+        plaintext = SealedPlaintext(
+            request_id=doc["request_id"],
+            model=doc["model"],
+            mode=VerificationMode(doc["mode"]),
+            settlement=SettlementMode(doc["settlement"]),
+            reply_public_key=doc["payload"]["reply_public_key"],
+            reply_to=doc["reply_to"],
+            payer=None,
+            created_unix_ms=doc["created_unix_ms"],
+            deadline_unix_ms=None,
+            stream=False,
+            payload={"kind": "ml", "tensors": {}},
+        )
+        return canonical_bytes(plaintext)
+
+    for name in ("sealed_inner_not_json", "sealed_inner_invalid"):
         doc = sealed_doc(name, [node_key])
+        plaintext = f"not json {CANARY}".encode() if name.endswith("json") else bound(doc)
         content_key = nacl.utils.random(SecretBox.KEY_SIZE)
         doc["payload"]["recipients"] = [_recipient(node_key, content_key)]
         doc["payload"]["ciphertext"] = b64(bytes(SecretBox(content_key).encrypt(plaintext)))
@@ -345,23 +375,20 @@ def _recipient(node_key_hex: str, content_key: bytes) -> dict[str, str]:
 
 def _settlement(b: _Builder) -> None:
     """Settlement records: undecodable, forged, tampered, from the future, replayed, unknown."""
-    node = Signer(b.ctx.node_seed or bytes([0x5E]) * 32)
-    stranger, forger = Signer(nacl.utils.random(32)), Signer(nacl.utils.random(32))
+    seed = b.ctx.node_seed or bytes([0x5E]) * 32
+    chain_key = b.ctx.chain_key or hashlib.sha256(b"chain:" + seed).digest()
+    node = TestNode(Signer(seed), ChainSigner(chain_key))
+    stranger = TestNode(Signer(nacl.utils.random(32)), ChainSigner(nacl.utils.random(32)))
+    forger = Signer(nacl.utils.random(32))
 
-    def record(name: str, signer: Signer, **env: Any) -> SettlementRecord:
+    def record(name: str, signer: TestNode, **env: Any) -> SettlementRecord:
         fields: dict[str, Any] = {
-            "request_id": b.rid(name),
             "model_id": b.ctx.model,
-            "model_digest": "ab" * 32,
-            "mode": VerificationMode.VANILLA,
             "input_hash": "01" * 32,
             "output_hash": "02" * 32,
-            "usage": Usage(input_tokens=4, output_tokens=1),
-            "node_id": signer.node_id,
-            "signed_unix_ms": _now_ms(),
+            "usage": Usage(input_tokens=4, output_tokens=0),
         } | env
-        envelope = ResultEnvelope.model_validate(fields)
-        return SettlementRecord(envelope=envelope, signature=signer.sign_envelope(envelope))
+        return signer.record(b.rid(name), **fields)
 
     def add(name: str, raw: bytes | None, outcome: Outcome, detail: str = "") -> None:
         b.add(name, raw, Expected("settlement", outcome, detail))
@@ -383,7 +410,8 @@ def _settlement(b: _Builder) -> None:
     nd("s_signature_wrong_length", _dumps(doc | {"signature": "ab" * 10}))
     nd("s_extra_field", _dumps(doc | {"bonus": 1}))
     nd("s_wrong_type", _dumps(doc | {"type": "inference_request"}))
-    nd("s_schema_version_2", _dumps(doc | {"schema_version": 2}))
+    nd("s_schema_version_3", _dumps(doc | {"schema_version": 3}))
+    nd("s_no_chain_signature", _dumps({k: v for k, v in doc.items() if k != "chain_signature"}))
     nd("s_node_id_not_hex", _dumps(_envelope_with(doc, node_id="zz" * 32)))
     nd("s_usage_nan", _dumps(_envelope_with(doc, usage={"input_tokens": float("nan")})))
     nd("s_usage_negative", _dumps(_envelope_with(doc, usage={"input_tokens": -5})))
@@ -391,6 +419,12 @@ def _settlement(b: _Builder) -> None:
     add("s_usage_beyond_2_53", json.dumps(huge).encode(), "rejected", "bad_signature")
     tampered = _envelope_with(doc, output_hash="ff" * 32)
     add("s_tampered_envelope", json.dumps(tampered).encode(), "rejected", "bad_signature")
+    wrong_chain = doc | {"chain_signature": stranger.chain.sign_digest(b"\x01" * 32)}
+    add("s_bad_chain_signature", _dumps(wrong_chain), "rejected", "bad_chain_signature")
+    over = record("s_over_budget", node, usage=Usage(input_tokens=4, output_tokens=1))
+    add("s_over_budget", encode(over), "rejected", "over_budget")
+    old = record("s_old", node, request_created_unix_ms=_now_ms() - 30 * 86_400_000)
+    add("s_too_old", encode(old), "rejected", "too_old")
     forged_env = genuine.envelope.model_copy(update={"node_id": forger.node_id})
     forged = doc | {"signature": forger.sign_envelope(forged_env)}
     add("s_forged_signature", json.dumps(forged).encode(), "rejected", "bad_signature")

@@ -41,12 +41,16 @@ from schemas.version import SCHEMA_VERSION
 
 __all__ = [
     "CANARY",
+    "CHAT_MODEL",
     "FUZZ_PROFILES",
+    "ML_MODEL",
     "FuzzContext",
     "HostileRecord",
     "fuzz_settings",
     "hostile_batches",
     "hostile_records",
+    "ml_payload",
+    "request_doc",
     "sample",
 ]
 
@@ -59,7 +63,7 @@ CHAT_MODEL = "demo-lm"
 FUZZ_PROFILES: dict[str, dict[str, Any]] = {
     # make test: a few seconds. chaos (HYPOTHESIS_PROFILE=chaos, run by make chaos): minutes.
     "default": {"max_examples": 25},
-    "chaos": {"max_examples": 400},
+    "chaos": {"max_examples": 1000},
 }
 
 
@@ -187,7 +191,21 @@ def _deep_value() -> st.SearchStrategy[Any]:
 # -- values: requests ---------------------------------------------------------------------------
 
 
-def _doc(ctx: FuzzContext, request_id: str, model: str, payload: dict[str, Any]) -> dict[str, Any]:
+def ml_payload(rows: int = 1, value: float = 0.5) -> dict[str, Any]:
+    """A ``demo-mlp`` input of ``rows`` rows (its output is three floats per row)."""
+    x = {"dtype": "float32", "shape": [rows, 4], "data": [value] * (4 * rows)}
+    return {"kind": "ml", "tensors": {"x": x}}
+
+
+def request_doc(
+    ctx: FuzzContext,
+    request_id: str,
+    model: str = ML_MODEL,
+    payload: dict[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A valid request document (``payload`` defaults to one ``demo-mlp`` row); ``fields``
+    replace or add top-level fields, valid or not."""
     return {
         "schema_version": SCHEMA_VERSION,
         "type": "inference_request",
@@ -195,8 +213,8 @@ def _doc(ctx: FuzzContext, request_id: str, model: str, payload: dict[str, Any])
         "model": model,
         "mode": "VANILLA",
         "created_unix_ms": ctx.now_ms,
-        "payload": payload,
-    }
+        "payload": payload if payload is not None else ml_payload(),
+    } | fields
 
 
 @st.composite
@@ -229,17 +247,17 @@ def valid_request(draw: st.DrawFn, ctx: FuzzContext) -> tuple[str, str, dict[str
     rid = draw(_request_id(ctx))
     kind = draw(st.sampled_from(["ml", "chat", "chat_stream", "sealed", "variant"]))
     if kind == "ml":
-        doc = _doc(ctx, rid, ML_MODEL, draw(_ml_payload()))
+        doc = request_doc(ctx, rid, ML_MODEL, draw(_ml_payload()))
     elif kind.startswith("chat"):
-        doc = _doc(ctx, rid, CHAT_MODEL, draw(_chat_payload()))
+        doc = request_doc(ctx, rid, CHAT_MODEL, draw(_chat_payload()))
         doc["stream"] = kind == "chat_stream"
     elif kind == "sealed":
-        plain = _doc(ctx, rid, ML_MODEL, draw(_ml_payload()))
+        plain = request_doc(ctx, rid, ML_MODEL, draw(_ml_payload()))
         to = draw(st.sampled_from([ctx.node_x25519_hex, _STRANGER]))
         sealed = seal_request(InferenceRequest.model_validate(plain), [to])
         doc = json.loads(encode(sealed.request))
     else:
-        doc = _doc(ctx, rid, ML_MODEL, draw(_ml_payload()))
+        doc = request_doc(ctx, rid, ML_MODEL, draw(_ml_payload()))
         change = draw(
             st.sampled_from(
                 [
@@ -357,7 +375,7 @@ def _framing_bytes(draw: st.DrawFn, ctx: FuzzContext) -> tuple[str, str, bytes |
         raw = _dumps(draw(_json), ascii_only=draw(st.booleans()))
     elif kind == "huge":
         size = draw(st.sampled_from([60_000, 420_000, limits.MAX_MESSAGE_BYTES + 1, 1_100_000]))
-        doc = _doc(ctx, draw(_request_id(ctx)), model, {"kind": "ml", "tensors": {}})
+        doc = request_doc(ctx, draw(_request_id(ctx)), model, {"kind": "ml", "tensors": {}})
         head = _dumps(doc | {"pad": ""}, ascii_only=True)
         fill = max(0, size - len(head))
         raw = head[:-2] + (CANARY.encode() * (fill // len(CANARY) + 1))[:fill] + head[-2:]
@@ -367,7 +385,7 @@ def _framing_bytes(draw: st.DrawFn, ctx: FuzzContext) -> tuple[str, str, bytes |
         raw = opener * depth
     else:
         depth = draw(st.integers(min_value=limits.MAX_JSON_DEPTH, max_value=5000))
-        doc = _doc(ctx, draw(_request_id(ctx)), model, {"kind": "ml", "tensors": {}})
+        doc = request_doc(ctx, draw(_request_id(ctx)), model, {"kind": "ml", "tensors": {}})
         body = _dumps(doc, ascii_only=True)
         raw = body[:-1] + b', "pad": ' + b"[" * depth + b"]" * depth + b"}"
     return kind, model, raw

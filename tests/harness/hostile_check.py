@@ -4,11 +4,13 @@ real worker processes wrote).
 
 What is owed (``owed``): a record the node cannot read, or whose request id cannot be read, is
 dead-lettered (exactly one DLQ entry naming its topic, partition and offset). Any other record
-is answered on a reply topic, under its request id, by exactly one terminal reply (a result or
-a typed error); copies of a *whole* request whose id was answered or is being answered are
-dropped as duplicates (``worker.handler``), while each malformed record with a readable id
-gets its own error. The only dead letters allowed for a record with a readable id are the
-documented delivery failures (its reply topic does not exist, its error reply is too large).
+is answered on a reply topic, under its request id, by at most one terminal reply (a result
+or a typed error): each malformed record with a readable id gets its own error; of the copies
+of a *whole* request, the first is answered and a later one either dropped as a duplicate of
+it or (when the first was refused without running: wrong topic, refused reply topic) refused
+again; a request id never gets two results (it would be run, and booked, twice). The only dead
+letters allowed for a record with a readable id are the documented delivery failures (its
+reply topic does not exist, its error reply is too large).
 
 The request id is read with the worker's own decoder (``schemas.codec.decode``): the check is
 about what the intake does with a record, not a second opinion on the schema.
@@ -38,7 +40,9 @@ from tests.harness.hostile import CANARY, HostileRecord
 
 __all__ = ["Owed", "Sent", "Verdict", "check", "owed", "reply_topics"]
 
-TERMINAL = {"result", "sealed_result", "error"}
+TERMINAL = {"result", "sealed_result", "error", "sealed_reply"}
+"""Reply types that end a request: a ``sealed_reply`` is a sealed error (sealed requests are
+never streamed, so no sealed chunk precedes it)."""
 RESULTS = {"result", "sealed_result"}
 DELIVERY_DEAD_LETTERS = ("the reply topic does not exist", "the error reply is larger")
 """Dead-letter reasons a record with a readable request id may get (``worker.intake``)."""
@@ -197,8 +201,11 @@ def check(
         # while another copy was in flight (that copy was dropped as its duplicate).
         copy_dead = any(owes[i].whole for i in indexes if i in dead)
         low = malformed + (1 if whole and not copy_dead else 0)
-        high = malformed + min(whole, 1)
+        high = malformed + whole
         got = len(answers.get(rid, []))
+        results = sum(d.get("type") in RESULTS for d in answers.get(rid, []))
+        if results > 1:
+            v.problems.append(f"{rid!r}: {results} results (run more than once)")
         lost = max(0, low - got)
         if lost:
             v.problems.append(f"{rid!r}: {got} replies for {low} owed")

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,9 +224,11 @@ async def run_hostile(
     *,
     config: IntakeConfig | None = None,
     create_topics: bool = True,
+    prepare: Callable[[], object] | None = None,
 ) -> HostileRun:
     """See the module docstring. ``engines`` serve ``demo-mlp`` and ``demo-lm``; the request
-    topics have two partitions. ``create_topics`` False: the namespace exists already."""
+    topics have two partitions. ``create_topics`` False: the namespace exists already.
+    ``prepare`` runs once the records are on their topics, before the intake starts."""
     topics = ctx.topics
     if create_topics:
         await env.create_topics(
@@ -240,6 +242,8 @@ async def run_hostile(
     )
     group = f"{topics.namespace}-workers"
     sent = await produce(env, topics, records)
+    if prepare is not None:
+        prepare()
     pipeline = Pipeline(
         engines,
         Signer(_SIGNER_SEED),

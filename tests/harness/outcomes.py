@@ -10,6 +10,7 @@ and how often, or ``lost`` when nothing did.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import sqlite3
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, SealedBox
 
 from infra.kafka import KafkaSettings
 from schemas import topics as t
@@ -37,7 +40,8 @@ __all__ = [
 ]
 
 LOST = "lost"
-_TERMINAL = {"result", "sealed_result", "error"}
+_TERMINAL = {"result", "sealed_result", "error", "sealed_reply"}
+"""A ``sealed_reply`` may hold a stream chunk; the corpus streams nothing sealed."""
 
 
 class TopicTap:
@@ -151,6 +155,18 @@ async def send_corpus(
     return sent
 
 
+def _opened(reply: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+    """A ``sealed_reply`` opened with the case's one-time key (as its requester would)."""
+    if reply.get("type") != "sealed_reply" or key is None:
+        return reply
+    try:
+        raw = SealedBox(PrivateKey(key)).decrypt(base64.b64decode(reply["sealed"]))
+        inner: dict[str, Any] = json.loads(raw)
+    except (CryptoError, ValueError, KeyError):
+        return {"type": "error", "code": "sealed_reply_does_not_open"}
+    return inner
+
+
 def classify_requests(
     sent: list[Sent], replies: list[Any], dlq: list[Any]
 ) -> tuple[list[Observed], list[str]]:
@@ -177,7 +193,7 @@ def classify_requests(
         answers = by_id.get(e.request_id or "", [])
         reasons = dead.get((s.topic, s.partition, s.offset), [])
         if answers:
-            first = answers[0]
+            first = _opened(answers[0], e.reply_key)
             label = "result" if first["type"] != "error" else f"error:{first.get('code')}"
         elif reasons:
             # A DLQ expectation names a reason prefix: report the prefix when it matches.

@@ -24,17 +24,18 @@ from infra.kafka.ports import (
     TopicPartition,
 )
 
-__all__ = ["How", "Method", "StuckConsumer"]
+__all__ = ["METHODS", "How", "Method", "StuckConsumer"]
 
 Method = Literal["getmany", "commit", "lag"]
 How = Literal["block", "raise", "bug"]
+METHODS: tuple[Method, ...] = ("getmany", "commit", "lag")
 
 
 class StuckConsumer(Consumer):
     def __init__(self, inner: Consumer) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
-        self.entered: dict[str, asyncio.Event] = {m: asyncio.Event() for m in Method.__args__}
+        self.entered: dict[str, asyncio.Event] = {m: asyncio.Event() for m in METHODS}
         self.committed_offsets: list[dict[TopicPartition, int]] = []
         """Offsets of every commit that reached the inner consumer."""
         self._stuck: dict[str, How] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -89,9 +90,11 @@ async def test_200_requests_answered_once_signed_and_settled_once(
         await producer.flush()
     finally:
         await producer.stop()
+    # Copies in new messages are replays: counted and stored as rejections, never booked.
     await eventually(lambda: settlement_counts(running_settlement)["verified"] == 4 * N_PER_MODEL)
+    await eventually(lambda: ledger.rejection_counts() == {"replay": 2 * N_PER_MODEL})
     assert ledger.count() == 2 * N_PER_MODEL
-    assert settlement_counts(running_settlement)["rejected"] == 0
+    assert settlement_counts(running_settlement)["rejected"] == 2 * N_PER_MODEL
 
 
 async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
@@ -104,10 +107,10 @@ async def test_minimal_request_from_another_producer_hashes_payload_as_sent(
     topics = Topics(namespace)
     payload = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}
     raw = {
-        "schema_version": 1,
+        "schema_version": 2,
         "request_id": "minimal-1",
         "model": "demo-lm",
-        "created_unix_ms": 0,
+        "created_unix_ms": time.time_ns() // 1_000_000,
         "reply_to": topics.replies,
         "payload": payload,
     }

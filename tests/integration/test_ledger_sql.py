@@ -37,38 +37,39 @@ from settlement.ledger import (
 )
 from settlement.ledger import postgres as pg_backend
 from settlement.ledger import sqlite as sqlite_backend
+from tests.harness.nodes import TestNode
 
 PG_DSN = os.environ.get("OG_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 NOW_MS = 1_700_000_000_000
-SIGNER = Signer(b"\x01" * 32)
-OTHER = Signer(b"\x02" * 32)
+SIGNER = TestNode.seeded(1)
+OTHER = TestNode.seeded(2)
+PAYERS = {"alice": Signer(b"\x0a" * 32), "bob": Signer(b"\x0b" * 32)}
+ACCOUNT = {name: f"ed25519:{key.node_id}" for name, key in PAYERS.items()}
+"""How the ledger names each payer."""
 
 Opener = Callable[[], Ledger]
 
 
 def _record(
     request_id: str = "req-l-1",
-    signer: Signer = SIGNER,
+    node: TestNode = SIGNER,
     *,
     payer: str | None = "alice",
     model_id: str = "demo-mlp",
     tokens: tuple[int, int] = (2, 9),
 ) -> SettlementRecord:
-    envelope = ResultEnvelope.model_validate(
-        {
-            "request_id": request_id,
-            "model_id": model_id,
-            "model_digest": "a" * 64,
-            "mode": "VANILLA",
-            "input_hash": "b" * 64,
-            "output_hash": "c" * 64,
-            "usage": Usage(input_tokens=tokens[0], output_tokens=tokens[1]),
-            "payer": payer,
-            "node_id": signer.node_id,
-            "signed_unix_ms": NOW_MS,
-        }
+    return node.record(
+        request_id,
+        model_id=model_id,
+        model_digest="a" * 64,
+        input_hash="b" * 64,
+        output_hash="c" * 64,
+        usage=Usage(input_tokens=tokens[0], output_tokens=tokens[1]),
+        max_output_tokens=64,
+        payer=None if payer is None else PAYERS[payer],
+        signed_unix_ms=NOW_MS,
+        request_created_unix_ms=NOW_MS - 1000,
     )
-    return SettlementRecord(envelope=envelope, signature=signer.sign_envelope(envelope))
 
 
 def _rejection(offset: int, reason: str = "bad_signature") -> Rejection:
@@ -139,14 +140,13 @@ def test_store_is_idempotent(ledger: Ledger) -> None:
     first, second = _record("req-l-1"), _record("req-l-2")
     assert ledger.store(_accepted(first, first, second)).inserted == 2
     assert ledger.store(_accepted(first, second)).inserted == 0
-    # The same request from another node is another row.
-    assert ledger.store(_accepted(_record("req-l-1", OTHER))).inserted == 1
-    assert ledger.count() == 3
-    rows = ledger.get("req-l-1")
-    assert sorted(row["node_id"] for row in rows) == sorted([SIGNER.node_id, OTHER.node_id])
-    mine = next(row for row in rows if row["node_id"] == SIGNER.node_id)
+    # The same request answered by another node (a redelivery): booked once, to the first.
+    assert ledger.store(_accepted(_record("req-l-1", OTHER))).inserted == 0
+    assert ledger.count() == 2
+    (mine,) = ledger.get("req-l-1")
+    assert mine["node_id"] == SIGNER.node_id
     assert ResultEnvelope.model_validate_json(mine["envelope_json"]) == first.envelope
-    assert (mine["input_tokens"], mine["output_tokens"], mine["payer"]) == (2, 9, "alice")
+    assert (mine["input_tokens"], mine["output_tokens"], mine["payer"]) == (2, 9, ACCOUNT["alice"])
     assert mine["batch_id"] is None
     assert ledger.get("no-such-request") == []
 
@@ -170,16 +170,16 @@ def test_usage_per_payer_and_model(ledger: Ledger) -> None:
         ),
     )
     alice = [
-        {"payer": "alice", "model_id": "demo-lm", "requests": 1},
-        {"payer": "alice", "model_id": "demo-mlp", "requests": 2},
+        {"payer": ACCOUNT["alice"], "model_id": "demo-lm", "requests": 1},
+        {"payer": ACCOUNT["alice"], "model_id": "demo-mlp", "requests": 2},
     ]
-    got = ledger.usage("alice")
+    got = ledger.usage(ACCOUNT["alice"])
     assert [{k: u[k] for k in ("payer", "model_id", "requests")} for u in got] == alice
     assert (got[1]["input_tokens"], got[1]["output_tokens"]) == (3, 30)
     assert {(u["payer"], u["model_id"]): u["requests"] for u in ledger.usage()} == {
-        ("alice", "demo-lm"): 1,
-        ("alice", "demo-mlp"): 2,
-        ("bob", "demo-mlp"): 1,
+        (ACCOUNT["alice"], "demo-lm"): 1,
+        (ACCOUNT["alice"], "demo-mlp"): 2,
+        (ACCOUNT["bob"], "demo-mlp"): 1,
         (None, "demo-mlp"): 1,
     }
     assert ledger.usage("nobody") == []
@@ -187,11 +187,11 @@ def test_usage_per_payer_and_model(ledger: Ledger) -> None:
 
 def test_reopening_reruns_no_migration(opener: Opener) -> None:
     first = opener()
-    assert _schema_version(first) == 4
+    assert _schema_version(first) == 5
     first.store(_accepted(_record()), [_rejection(1)])
     first.close()
     second = opener()
-    assert _schema_version(second) == 4
+    assert _schema_version(second) == 5
     assert second.count() == 1
     assert second.rejection_counts() == {"bad_signature": 1}
     assert second.store(_accepted(_record())).inserted == 0
@@ -228,7 +228,7 @@ def test_v1_ledger_is_upgraded_in_place(backend: str, location: str, opener: Ope
                 values,
             )
     ledger = opener()
-    assert _schema_version(ledger) == 4
+    assert _schema_version(ledger) == 5
     assert [r.request_id for r in ledger.unbatched(10)] == ["req-old"]
 
 
@@ -332,7 +332,7 @@ def test_open_batches_and_mark_anchored(ledger: Ledger) -> None:
 def test_batch_proofs_from_stored_leaves(ledger: Ledger) -> None:
     """The batcher's round trip: leaves → tree → create_batch; later, proof from the ledger."""
     _stored(ledger, 7)
-    ledger.store(_accepted(_record("req-003", OTHER)))
+    ledger.store(_accepted(_record("req-003", OTHER, payer="bob")))
     pending = ledger.unbatched(100)
     leaves = {(r.request_id, r.node_id): bytes.fromhex(r.leaf_hash[2:]) for r in pending}
     tree = MerkleTree(leaves.values())
