@@ -17,10 +17,20 @@ Scenarios (``--only`` picks some):
   topic and to the settlement topic, each classified against the outcome it is owed. The
   worker and settlement processes are restarted when they crash, as an orchestrator would, up
   to three times each: a message that crashes a service on every redelivery shows up as
-  crashes and lost (or duplicated) answers.
+  crashes, crash loops and lost (or duplicated) answers.
+- ``fuzz``: the fuzzer's records (``tests.harness.hostile``, a fixed number drawn with a fixed
+  seed) and the hand-written corpus's request cases against two worker processes, judged as
+  the in-memory fuzz test judges them (``bench.chaos_fuzz``); crash loops counted. The
+  in-memory fuzz test itself runs with ``HYPOTHESIS_PROFILE=chaos`` first (many examples).
+
+A *crash loop* is a process that exits on its own, is restarted, and exits again before its
+service made any progress (committed offsets, ledger rows): a message that stops it for good.
+
+``--smoke``: every scenario at tiny sizes (under a minute), the table printed, nothing written
+unless ``--output`` says where; exit status 1 when a target is missed.
 
 Writes ``bench/chaos.json`` and the table between the chaos markers of ``BENCHMARKS.md``.
-Targets: lost = 0 and crashes = 0 in every scenario.
+Targets: lost = 0, crashes = 0 and crash loops = 0 in every scenario.
 """
 
 from __future__ import annotations
@@ -31,21 +41,28 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.chaos_broker import FAULTS, broker_fault
+from bench.chaos_fuzz import fuzz_scenario
 from bench.chaos_kill import settlement_kill_loop, worker_kill_loop
 from bench.chaos_support import (
     MODEL,
     Child,
+    Progress,
     Row,
     crash_notes,
     fast_kafka,
+    group_progress,
+    ledger_rows,
     new_namespace,
     settlement_env,
     start_all,
@@ -56,6 +73,7 @@ from bench.report import CHAOS_END, CHAOS_START, replace_section
 from infra.dev.broker import running_broker
 from infra.dev.demo_models import build_demo_hub
 from schemas.sealing import NodeSealer
+from schemas.topics import Topics
 from tests.harness.corpus import CANARY, CorpusContext, hostile_corpus
 from tests.harness.outcomes import TopicTap, classify_requests, classify_settlement, send_corpus
 from worker.trust.keys import load_or_create_seed
@@ -63,7 +81,7 @@ from worker.trust.keys import load_or_create_seed
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "chaos.json"
 MARKDOWN = HERE.parent / "BENCHMARKS.md"
-SCENARIOS = ("workers", "settlement", "broker", "corpus")
+SCENARIOS = ("workers", "settlement", "broker", "corpus", "fuzz")
 COLUMNS = [
     "scenario",
     "sent",
@@ -73,7 +91,24 @@ COLUMNS = [
     "DLQ'd",
     "rejected by settlement",
     "process crashes",
+    "crash loops",
 ]
+SMOKE = {
+    "worker_requests": 60,
+    "worker_rate": 40.0,
+    "worker_kill_every_s": 1.5,
+    "settlement_requests": 40,
+    "settlement_rate": 40.0,
+    "settlement_kill_every_s": 1.5,
+    "broker_requests": 30,
+    "broker_rate": 30.0,
+    "broker_faults": 1,
+    "corpus_timeout_s": 20.0,
+    "fuzz_records": 30,
+    "fuzz_examples": 0,
+    "fuzz_timeout_s": 30.0,
+}
+"""``--smoke`` sizes: every scenario, well under a minute in all."""
 
 
 async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: float) -> Row:
@@ -94,8 +129,16 @@ async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: f
         chain_key=load_or_create_seed(keys / "node_secp256k1.key"),
     )
     cases = hostile_corpus(ctx)
+    loops: list[str] = []
     async with TopicTap(kafka, topics.replies) as replies, TopicTap(kafka, topics.dlq) as dlq:
-        supervisor = asyncio.create_task(supervise([worker, settlement], max_restarts=3))
+        supervisor = asyncio.create_task(
+            supervise(
+                [worker, settlement],
+                max_restarts=3,
+                progress=_corpus_progress(bootstrap, topics, ledger),
+                loops=loops,
+            )
+        )
         try:
             sent = await send_corpus(kafka, topics, MODEL, cases)
             deadline = time.monotonic() + timeout_s
@@ -125,6 +168,7 @@ async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: f
         dlq=sum(o.observed.startswith("dlq:") for o in observed),
         rejected=sum(o.observed.startswith("rejected:") for o in observed),
         crashes=len(worker.crashes) + len(settlement.crashes),
+        crash_loops=len(loops),
         notes={
             "request_cases": len(requests),
             "settlement_cases": len(records),
@@ -138,6 +182,47 @@ async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: f
             "logs_with_canary": [p.name for p in logs],
             "crash_details": crash_notes([worker, settlement]),
             "cases": [dataclasses.asdict(o) for o in observed],
+            "wall_s": round(time.monotonic() - started, 1),
+        },
+    )
+
+
+def _corpus_progress(bootstrap: str, topics: Topics, ledger: Path) -> Progress:
+    """The worker group's committed offsets and the ledger's rows and rejections."""
+    offsets = group_progress(bootstrap, f"{topics.namespace}-workers", topics.infer(MODEL))
+
+    async def progress() -> object:
+        return await offsets(), ledger_rows(ledger)
+
+    return progress
+
+
+_FUZZ_TEST = "test_no_generated_record_stops_the_intake_or_goes_unanswered"
+
+
+def fuzz_in_memory(examples: int) -> Row:
+    """The in-memory fuzz test (tests/contract/test_hostile_records.py) at ``examples``."""
+    started = time.monotonic()
+    env = os.environ | {"HYPOTHESIS_PROFILE": "chaos", "OG_FUZZ_EXAMPLES": str(examples)}
+    test = "tests/contract/test_hostile_records.py::" + _FUZZ_TEST
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:logging", test],
+        cwd=HERE.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    failed = done.returncode != 0
+    return Row(
+        "fuzzer in memory (hypothesis, real intake)",
+        sent=examples,
+        answered=0 if failed else examples,
+        lost=int(failed),
+        notes={
+            "examples": examples,
+            "passed": not failed,
+            "output_tail": done.stdout.splitlines()[-30:] if failed else [],
             "wall_s": round(time.monotonic() - started, 1),
         },
     )
@@ -189,8 +274,21 @@ async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
             )
         if "corpus" in args.only:
             done(await corpus_scenario(b, hub, work, timeout_s=args.corpus_timeout_s))
+        if "fuzz" in args.only:
+            if args.fuzz_examples:
+                done(await asyncio.to_thread(fuzz_in_memory, args.fuzz_examples))
+            done(
+                await fuzz_scenario(
+                    b,
+                    hub,
+                    work,
+                    records=args.fuzz_records,
+                    seed=args.fuzz_seed,
+                    timeout_s=args.fuzz_timeout_s,
+                )
+            )
     if "broker" in args.only:
-        for name in FAULTS:
+        for name in list(FAULTS)[: args.broker_faults]:
             done(
                 await broker_fault(
                     name, hub, work, requests=args.broker_requests, rate_per_s=args.broker_rate
@@ -212,6 +310,7 @@ def _cells(row: Row) -> list[str]:
                 row.dlq,
                 row.rejected,
                 row.crashes,
+                row.crash_loops,
             )
         ),
     ]
@@ -225,23 +324,41 @@ def _causes(crash: dict[str, Any]) -> str:
     return ", ".join(dict.fromkeys(found)) or "see its log"
 
 
+def totals(rows: list[Row]) -> tuple[int, int, int]:
+    """Lost, process crashes and crash loops over ``rows``."""
+    return (
+        sum(r.lost for r in rows),
+        sum(r.crashes for r in rows),
+        sum(r.crash_loops for r in rows),
+    )
+
+
 def markdown(rows: list[Row], runtime_s: float) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lost, crashes = sum(r.lost for r in rows), sum(r.crashes for r in rows)
-    verdict = "met" if lost == 0 and crashes == 0 else "NOT met"
+    lost, crashes, loops = totals(rows)
+    verdict = "met" if lost == crashes == loops == 0 else "NOT met"
     out = [
         *lines,
         "",
-        f"Target lost = 0 and process crashes = 0: **{verdict}** (lost {lost}, crashes "
-        f"{crashes}). Run time {runtime_s:.0f} s.",
+        f"Target lost = 0, process crashes = 0 and crash loops = 0: **{verdict}** (lost "
+        f"{lost}, crashes {crashes}, crash loops {loops}). Run time {runtime_s:.0f} s.",
         "",
         "Answered: a terminal reply (result or typed error) for request-shaped messages, a "
         "ledger row for settlement records. Duplicates delivered: request ids (or records) "
         "with more than one terminal reply (or ledger row); after a SIGKILL the redelivered "
-        "window is answered again by design, with the same request id.",
+        "window is answered again by design, with the same request id. Crash loops: a "
+        "process that exited on its own, was restarted, and exited again before its service "
+        "made progress. The in-memory fuzzer's row counts hypothesis examples (a failing one "
+        "counts as lost); the fuzzed records' row counts records (copies of one request id "
+        "answered once count as duplicates dropped, not delivered).",
     ]
     for row in rows:
+        problems = row.notes.get("problems")
+        if problems:
+            out.append("")
+            out.append(f"Problems ({row.scenario}):")
+            out += [f"- {p}" for p in problems]
         mismatches = row.notes.get("mismatches")
         if mismatches:
             out.append("")
@@ -276,11 +393,24 @@ def main() -> None:
     parser.add_argument("--settlement-kill-every-s", type=float, default=4.0)
     parser.add_argument("--broker-requests", type=int, default=400)
     parser.add_argument("--broker-rate", type=float, default=60.0, help="requests/s")
+    parser.add_argument("--broker-faults", type=int, default=len(FAULTS), help="how many kinds")
     parser.add_argument("--corpus-timeout-s", type=float, default=40.0)
+    parser.add_argument("--fuzz-records", type=int, default=300, help="generated records")
+    parser.add_argument("--fuzz-seed", type=int, default=17)
+    parser.add_argument("--fuzz-timeout-s", type=float, default=90.0)
+    parser.add_argument(
+        "--fuzz-examples", type=int, default=1000, help="in-memory fuzzer examples (0: skip)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, under a minute")
     parser.add_argument("--keep-work", action="store_true", help="keep logs and ledgers")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    parser.add_argument("--markdown", type=Path, default=MARKDOWN)
+    parser.add_argument("--output", type=Path, help=f"JSON results (default {OUTPUT})")
+    parser.add_argument("--markdown", type=Path, help=f"table (default {MARKDOWN})")
     args = parser.parse_args()
+    if args.smoke:  # nothing written unless asked; the tree's results stay the full run's
+        vars(args).update(SMOKE)
+    else:
+        args.output = args.output or OUTPUT
+        args.markdown = args.markdown or MARKDOWN
     # Faults are the point here: aiokafka's retry warnings would drown the table.
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -296,10 +426,14 @@ def main() -> None:
         },
         "rows": [dataclasses.asdict(r) for r in rows],
     }
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    replace_section(args.markdown, CHAOS_START, CHAOS_END, table)
+    if args.output is not None:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown is not None:
+        replace_section(args.markdown, CHAOS_START, CHAOS_END, table)
     print()
     print(table)
+    if args.smoke and any(totals(rows)):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_support import (
+    MODEL,
     Child,
+    Progress,
     Row,
     crash_notes,
     fast_kafka,
+    group_progress,
     ledger_rows,
     new_namespace,
     produce_paced,
@@ -46,6 +49,15 @@ def _jitter(interval_s: float) -> float:
 
 
 _FAILPOINT = {"OG_FAILPOINT": "after_ledger_write"}
+
+
+def _ledger_progress(ledger: Path) -> Progress:
+    """``supervise``'s progress for settlement (and the worker beside it): the ledger."""
+
+    async def rows() -> object:
+        return ledger_rows(ledger)
+
+    return rows
 
 
 async def _wait_answered(tap: TopicTap, ids: set[str], timeout_s: float) -> None:
@@ -93,11 +105,19 @@ async def worker_kill_loop(
     batch = requests_for(topics, requests)
     ids = {r.request_id for r in batch}
     kills = idle_ticks = 0
+    loops: list[str] = []
+    topic = topics.infer(MODEL)
     kill_log: list[tuple[int, str]] = []
     started = time.monotonic()
     await start_all(workers)
     async with TopicTap(kafka, topics.replies) as tap:
-        supervisor = asyncio.create_task(supervise(workers))
+        supervisor = asyncio.create_task(
+            supervise(
+                workers,
+                progress=group_progress(bootstrap, f"{topics.namespace}-workers", topic),
+                loops=loops,
+            )
+        )
         producing = asyncio.create_task(produce_paced(kafka, topics, batch, rate_per_s))
         try:
             while not (await asyncio.wait({producing}, timeout=_jitter(kill_every_s)))[0]:
@@ -129,6 +149,7 @@ async def worker_kill_loop(
         duplicates=counts["duplicates"],
         dlq=len(dlq),
         crashes=sum(len(w.crashes) for w in workers),
+        crash_loops=len(loops),
         notes={
             "sigkills": kills,
             "ticks_without_a_partition_owner": idle_ticks,
@@ -160,10 +181,13 @@ async def settlement_kill_loop(
     batch = requests_for(topics, requests)
     ids = {r.request_id for r in batch}
     kills = failpoints = 0
+    loops: list[str] = []
     started = time.monotonic()
     await start_all([worker, settlement])
     async with TopicTap(kafka, topics.replies) as tap:
-        supervisor = asyncio.create_task(supervise([worker, settlement]))
+        supervisor = asyncio.create_task(
+            supervise([worker, settlement], progress=_ledger_progress(ledger), loops=loops)
+        )
         producing = asyncio.create_task(produce_paced(kafka, topics, batch, rate_per_s))
         try:
             while not (await asyncio.wait({producing}, timeout=_jitter(kill_every_s)))[0]:
@@ -203,6 +227,7 @@ async def settlement_kill_loop(
         duplicates=sum(1 for n in rows.values() if n > 1),
         rejected=rejected,
         crashes=len(worker.crashes) + len(settlement.crashes),
+        crash_loops=len(loops),
         notes={
             "sigkills": kills,
             "failpoint_instances": failpoints,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,19 @@ from infra.kafka.admin import ensure_topics
 from schemas import InferenceRequest, MLInput, Tensor, Topics, encode
 from schemas.topics import standard_topics
 from tests.harness.admission import AdmissionFile
+from tests.harness.hostile_node import stop_quietly
+from tests.harness.kafka_env import TansuEnv
 from worker.settings import WorkerSettings
 
 __all__ = [
     "Child",
     "Exit",
+    "Progress",
     "Row",
     "ScenarioError",
     "crash_notes",
     "fast_kafka",
+    "group_progress",
     "ledger_rows",
     "new_namespace",
     "produce_paced",
@@ -67,6 +71,9 @@ class Row:
     dlq: int = 0
     rejected: int = 0
     crashes: int = 0
+    crash_loops: int = 0
+    """Crashes of a process that had crashed before with no progress since (see
+    ``supervise``): a message that stops the service at every redelivery."""
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -289,15 +296,53 @@ def crash_notes(children: Sequence[Child]) -> list[dict[str, Any]]:
     ]
 
 
-async def supervise(children: Sequence[Child], max_restarts: int = 10) -> None:
+Progress = Callable[[], Awaitable[object]]
+"""A snapshot of what a service has done (its group's committed offsets, its ledger's rows)."""
+
+
+async def supervise(
+    children: Sequence[Child],
+    max_restarts: int = 10,
+    *,
+    progress: Progress | None = None,
+    loops: list[str] | None = None,
+) -> None:
     """Restart any child that exits on its own (an orchestrator would); runs until cancelled.
-    After ``max_restarts`` crashes of one child it is left down (a crash loop)."""
+    After ``max_restarts`` crashes of one child it is left down.
+
+    With ``progress``: a crash of a child whose previous crash left ``progress()`` where it
+    still is (nothing was done in between: the restarted process stopped again on the same
+    input) is a *crash loop*, and its exit's name is appended to ``loops``."""
+    at_last_crash: dict[str, object] = {}
     while True:
         for child in children:
             exit_ = child.reap()
-            if exit_ is not None and not exit_.expected and len(child.crashes) <= max_restarts:
+            if exit_ is None or exit_.expected:
+                continue
+            if progress is not None:
+                snapshot = await progress()
+                if child.name in at_last_crash and at_last_crash[child.name] == snapshot:
+                    if loops is not None:
+                        loops.append(exit_.name)
+                at_last_crash[child.name] = snapshot
+            if len(child.crashes) <= max_restarts:
                 child.start()
         await asyncio.sleep(0.1)
+
+
+def group_progress(bootstrap: str, group: str, topic: str) -> Progress:
+    """``progress`` for workers: the offsets ``group`` has committed on ``topic``."""
+
+    async def committed() -> object:
+        consumer = TansuEnv(bootstrap).kafka.consumer(group)
+        await consumer.start()
+        try:
+            partitions = sorted(await consumer.partitions_for(topic))
+            return [await consumer.committed(TopicPartition(topic, p)) for p in partitions]
+        finally:
+            await stop_quietly(consumer)
+
+    return committed
 
 
 def requests_for(topics: Topics, n: int) -> list[InferenceRequest]:

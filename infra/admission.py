@@ -27,7 +27,14 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.types import TxParams
 
 from infra.contracts import load_artifact
-from infra.evm import ChainError, EvmSettings, account_from, send_transaction, translated
+from infra.evm import (
+    ChainError,
+    EvmSettings,
+    account_from,
+    error_selectors,
+    send_transaction,
+    translated,
+)
 from schemas.admission import ADMISSION_DOMAIN, SignedAdmissionList, verify_admission_list
 from schemas.canonical import domain_digest
 from schemas.verify.admission import Admissions, NodeAdmission
@@ -253,6 +260,7 @@ class NodeRegistryClient:
             abi=load_artifact("NodeRegistry")["abi"],
         )
         self._lock = asyncio.Lock()
+        self._errors = error_selectors(self._contract.abi)  # type: ignore[arg-type]
 
     @staticmethod
     async def deploy(settings: EvmSettings, governance_key: SecretStr) -> tuple[str, int]:
@@ -312,6 +320,6 @@ class NodeRegistryClient:
     async def _write(self, function: str, *args: Any) -> None:
         data = self._contract.encode_abi(function, args=list(args))
         tx: TxParams = {"to": self._contract.address, "data": data}
-        async with self._lock, translated(function):
+        async with self._lock, translated(function, self._errors):
             await self._w3.eth.call({**tx, "from": self._account.address}, "pending")
             await send_transaction(self._w3, self._account, self._settings, tx)

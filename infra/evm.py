@@ -36,6 +36,7 @@ __all__ = [
     "account_from",
     "error_selectors",
     "revert_data",
+    "revert_reason",
     "send_transaction",
     "translated",
 ]
@@ -95,13 +96,30 @@ def revert_data(error: ContractLogicError) -> bytes | None:
     return None
 
 
+def revert_reason(
+    error: ContractLogicError, selectors: dict[bytes, tuple[str, list[str]]]
+) -> str | None:
+    """The custom error's name (from a contract's ``error_selectors``), or None."""
+    data = revert_data(error)
+    if data is None or len(data) < 4:
+        return None
+    known = selectors.get(data[:4])
+    return known[0] if known else None
+
+
 @asynccontextmanager
-async def translated(action: str) -> AsyncIterator[None]:
-    """Turn web3 / transport exceptions into :class:`ChainError` (never quoting a key)."""
+async def translated(
+    action: str, selectors: dict[bytes, tuple[str, list[str]]] | None = None
+) -> AsyncIterator[None]:
+    """Turn web3 / transport exceptions into :class:`ChainError` (never quoting a key); a
+    revert with a custom error of ``selectors`` carries its name as ``reason``."""
     try:
         yield
     except ChainError:
         raise
+    except ContractLogicError as e:
+        reason = revert_reason(e, selectors or {})
+        raise ChainError(f"{action} reverted: {reason or 'no reason'}", reason=reason) from e
     except (Web3Exception, aiohttp.ClientError, OSError, TimeoutError) as e:
         raise ChainError(f"{action} failed: {type(e).__name__}: {e}") from e
 

@@ -128,14 +128,12 @@ def _client_settings(args: argparse.Namespace) -> Any:
     """``ClientSettings`` from ``OG_CLIENT_*`` with the command's options on top; admission
     from the chain of the local stack in ``--state-dir`` when none is configured."""
     from client import ClientSettings
-    from infra.dev.stack import local_registry
+    from infra.dev.stack import local_admission
 
     settings = ClientSettings()
     if args.bootstrap:
         settings.kafka.bootstrap_servers = args.bootstrap
-    admission = settings.admission
-    if admission.source == "chain" and admission.registry_address is None:
-        admission.registry_address = local_registry(args.state_dir)
+    settings.admission = local_admission(settings.admission, args.state_dir)
     if getattr(args, "allow_dev", False):
         settings.attestation.allow_dev = True
     return settings
@@ -223,10 +221,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from worker.identity import node_signer
+    from worker.identity import chain_address, node_signer
     from worker.settings import WorkerSettings
 
-    _print_json({"node_id": node_signer(WorkerSettings()).node_id})
+    settings = WorkerSettings()
+    # What an admission authority admits: ``inference-node admission admit NODE_ID ADDRESS``.
+    _print_json(
+        {"node_id": node_signer(settings).node_id, "chain_address": chain_address(settings)}
+    )
     return 0
 
 
@@ -391,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (("status", "counts of a job"), ("cancel", "stop a job")):
         batch.add_parser(action, help=text).add_argument("job_dir", type=Path)
     b.set_defaults(func=_cmd_batch)
+
+    from nodecli.admission import add_parser as add_admission
+
+    add_admission(sub)
 
     v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")
     v.add_argument("reply", type=Path, nargs="?")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.admission import AdmissionSettings, admission_source
-from infra.dev.stack import local_registry
+from infra.dev.stack import local_admission
 from infra.evm import ChainError
 from schemas.requests import InferenceRequest
 from schemas.results import InferenceResult
@@ -96,16 +96,14 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
 
 async def _admissions(args: argparse.Namespace) -> Admissions:
     """The admission facts the options name (``ValueError`` when they are incomplete)."""
-    registry = getattr(args, "registry_address", None)
-    if args.admission == "chain" and registry is None:
-        registry = local_registry(getattr(args, "state_dir", Path("var")))
     settings = AdmissionSettings(
         source=args.admission,
         rpc_url=args.rpc_url,
-        registry_address=registry,
+        registry_address=getattr(args, "registry_address", None),
         authority_keys=list(getattr(args, "authority_key", [])),
         authority_list=getattr(args, "admission_list", None),
     )
+    settings = local_admission(settings, getattr(args, "state_dir", Path("var")))
     source = admission_source(settings)
     try:
         return await source.snapshot()

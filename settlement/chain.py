@@ -45,7 +45,7 @@ from infra.evm import (
     TransactionTimeout,
     account_from,
     error_selectors,
-    revert_data,
+    revert_reason,
     send_transaction,
     translated,
 )
@@ -282,11 +282,7 @@ class SettlementChain:
             ) from e
 
     def _decode_revert(self, error: ContractLogicError) -> str | None:
-        data = revert_data(error)
-        if data is None or len(data) < 4:
-            return None
-        known = self._errors.get(data[:4])
-        return known[0] if known else None
+        return revert_reason(error, self._errors)
 
     def _anchored_from(self, receipt: TxReceipt, root: bytes) -> Anchored:
         for entry in receipt["logs"]:

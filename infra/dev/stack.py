@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from infra.admission import NodeRegistryClient
+from infra.admission import AdmissionSettings, NodeRegistryClient
 from infra.dev.anvil import (
     DEV_ACCOUNTS,
     ChainAlreadyRunning,
@@ -44,7 +44,14 @@ from infra.kafka.admin import ensure_topics
 from schemas.topics import standard_topics
 from settlement.chain import ChainError, ChainSettings, SettlementChain
 
-__all__ = ["StackConfig", "stack_down", "stack_status", "stack_up"]
+__all__ = [
+    "StackConfig",
+    "local_admission",
+    "local_chain",
+    "stack_down",
+    "stack_status",
+    "stack_up",
+]
 
 DEMO_MODELS = ("demo-mlp", "demo-lm")
 _SERVICES = ("worker", "settlement")
@@ -299,10 +306,22 @@ def local_chain(chain: ChainSettings, state_dir: Path) -> ChainSettings:
     return chain.model_copy(update={"contract_address": address})
 
 
-def local_registry(state_dir: Path) -> str | None:
-    """The NodeRegistry address of the local stack in ``state_dir`` (None without a stack)."""
+def local_admission(admission: AdmissionSettings, state_dir: Path) -> AdmissionSettings:
+    """``admission`` with the NodeRegistry of the local stack in ``state_dir`` filled in (its
+    address, RPC URL and deployment block), when it reads a chain but names no registry and
+    a stack was brought up there (``chain.json``)."""
     record = state_dir / "chain.json"
+    if admission.source != "chain" or admission.registry_address is not None:
+        return admission
     if not record.exists():
-        return None
-    address = json.loads(record.read_text()).get("registry_address")
-    return str(address) if address else None
+        return admission
+    chain = json.loads(record.read_text())
+    if "registry_address" not in chain:
+        return admission
+    return admission.model_copy(
+        update={
+            "registry_address": chain["registry_address"],
+            "rpc_url": chain["rpc_url"],
+            "from_block": chain.get("registry_block", 0),
+        }
+    )

@@ -59,6 +59,8 @@ def test_stack_request_verify_and_down(tmp_path: Path) -> None:
                 str(state / "hub"),
                 "--bootstrap",
                 f"127.0.0.1:{port}",
+                "--state-dir",
+                str(state),
                 "--save-request",
                 str(req_file),
             )
@@ -69,7 +71,9 @@ def test_stack_request_verify_and_down(tmp_path: Path) -> None:
             originals[model] = reply
             reply_file.write_text(sent.stdout)
 
-            checked = _cli("verify", str(reply_file), "--request", str(req_file))
+            checked = _cli(
+                "verify", str(reply_file), "--request", str(req_file), "--state-dir", str(state)
+            )
             assert checked.returncode == 0, checked.stdout
             assert checked.stdout.strip().endswith("verified")
 
@@ -80,7 +84,9 @@ def test_stack_request_verify_and_down(tmp_path: Path) -> None:
             else:
                 tampered["output"]["tensors"]["probabilities"]["data"][0] += 0.5
             reply_file.write_text(json.dumps(tampered))
-            rejected = _cli("verify", str(reply_file), "--request", str(req_file))
+            rejected = _cli(
+                "verify", str(reply_file), "--request", str(req_file), "--state-dir", str(state)
+            )
             assert rejected.returncode == 1
             assert rejected.stdout.strip().endswith("NOT VERIFIED")
 
@@ -93,6 +99,8 @@ def test_stack_request_verify_and_down(tmp_path: Path) -> None:
             '{"dtype": "float32", "shape": [1, 2], "data": [1, 2]}}}',
             "--bootstrap",
             f"127.0.0.1:{port}",
+            "--state-dir",
+            str(state),
         )
         assert bad.returncode == 1
         assert json.loads(bad.stdout)["code"] == "bad_request"
@@ -120,7 +128,14 @@ def test_stack_request_verify_and_down(tmp_path: Path) -> None:
             reply_file = tmp_path / f"{model}.reply.json"
             reply_file.write_text(json.dumps(originals[model]))
             included = _cli(
-                "verify", str(reply_file), "--inclusion", str(proof_file), "--rpc-url", rpc
+                "verify",
+                str(reply_file),
+                "--inclusion",
+                str(proof_file),
+                "--rpc-url",
+                rpc,
+                "--state-dir",
+                str(state),
             )
             assert included.returncode == 0, included.stdout
             assert included.stdout.strip().endswith("verified")

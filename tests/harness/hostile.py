@@ -69,8 +69,11 @@ FUZZ_PROFILES: dict[str, dict[str, Any]] = {
 
 def fuzz_settings(**overrides: Any) -> settings:
     """Settings of the fuzz tests for the profile named by ``HYPOTHESIS_PROFILE`` (``default``
-    or ``chaos``). No example database: a failure prints its seed and its shrunk example."""
+    or ``chaos``; ``OG_FUZZ_EXAMPLES`` overrides the count). No example database: a failure
+    prints its seed and its shrunk example."""
     profile = FUZZ_PROFILES.get(os.environ.get("HYPOTHESIS_PROFILE", "default"), {})
+    if os.environ.get("OG_FUZZ_EXAMPLES"):  # bench.chaos sets it
+        profile = profile | {"max_examples": int(os.environ["OG_FUZZ_EXAMPLES"])}
     return settings(
         deadline=None,
         database=None,

@@ -25,7 +25,7 @@ from nacl.public import PrivateKey
 
 from infra.kafka.client import ClusterKafka
 from infra.kafka.memory import MemoryKafka
-from infra.kafka.ports import Record, UnknownTopic
+from infra.kafka.ports import Consumer, Record, TopicPartition, UnknownTopic
 from infra.logs import ContextFilter, JsonFormatter
 from schemas.codec import encode
 from schemas.requests import InferenceRequest, MLInput, Tensor
@@ -41,7 +41,15 @@ from worker.engines.base import Engine
 from worker.intake import IntakeConfig
 from worker.pipeline import Pipeline
 
-__all__ = ["HostileRun", "load_demo_mlp", "node_context", "run_hostile"]
+__all__ = [
+    "HostileRun",
+    "load_demo_mlp",
+    "node_context",
+    "produce",
+    "read_back",
+    "run_hostile",
+    "stop_quietly",
+]
 
 _SEALER_SEED = b"\x0b" * 32
 _SIGNER_SEED = b"\x0c" * 32
@@ -299,9 +307,9 @@ async def run_hostile(
             stop_s = time.monotonic() - started
             await consumer.stop()
             await producer.stop()
-        replies = [r for name in reply_topics(topics, sent) for r in await _read(env, name)]
-        dlq = await _read(env, topics.dlq)
-        settlement = await _read(env, topics.settlement)
+        replies = [r for name in reply_topics(topics, sent) for r in await read_back(env, name)]
+        dlq = await read_back(env, topics.dlq)
+        settlement = await read_back(env, topics.settlement)
     good_id = good.request_id.encode()
     replies = [r for r in replies if good_id not in (r.value or b"")]
     settlement = [r for r in settlement if good_id not in (r.value or b"")]
@@ -320,8 +328,9 @@ async def run_hostile(
     )
 
 
-async def _read(env: KafkaEnv, topic: str) -> list[Record]:
-    """Every record of ``topic`` (none when it does not exist)."""
+async def read_back(env: KafkaEnv, topic: str) -> list[Record]:
+    """Every record of ``topic`` (none when it does not exist), read until nothing new arrives
+    for ``env.read_idle_ms``."""
     if isinstance(env.kafka, MemoryKafka):
         try:
             return list(env.kafka.records(topic))
@@ -329,9 +338,28 @@ async def _read(env: KafkaEnv, topic: str) -> list[Record]:
             return []
     consumer = env.kafka.consumer(None)
     await consumer.start()
+    records: list[Record] = []
     try:
-        if not await consumer.partitions_for(topic):
+        tps = [TopicPartition(topic, p) for p in sorted(await consumer.partitions_for(topic))]
+        if not tps:
             return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        async with asyncio.timeout(env.timeout_s):
+            while batches := await consumer.getmany(timeout_ms=env.read_idle_ms):
+                for batch in batches.values():
+                    records.extend(batch)
     finally:
+        await stop_quietly(consumer)
+    return records
+
+
+async def stop_quietly(consumer: Consumer) -> None:
+    """``consumer.stop()``; aiokafka's sometimes raises the ``CancelledError`` of its own
+    internal task, which is not ours to propagate (ours is: the task is being cancelled)."""
+    try:
         await consumer.stop()
-    return await env.read(topic)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
