@@ -100,9 +100,9 @@ SMOKE = {
     "settlement_requests": 40,
     "settlement_rate": 40.0,
     "settlement_kill_every_s": 1.5,
-    "broker_requests": 30,
-    "broker_rate": 30.0,
-    "broker_faults": 1,
+    "broker_requests": 160,
+    "broker_rate": 80.0,
+    "broker_faults": ["partition leaders move (twice)"],
     "corpus_timeout_s": 20.0,
     "fuzz_records": 30,
     "fuzz_examples": 0,
@@ -288,7 +288,7 @@ async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
                 )
             )
     if "broker" in args.only:
-        for name in list(FAULTS)[: args.broker_faults]:
+        for name in args.broker_faults:
             done(
                 await broker_fault(
                     name, hub, work, requests=args.broker_requests, rate_per_s=args.broker_rate
@@ -393,7 +393,7 @@ def main() -> None:
     parser.add_argument("--settlement-kill-every-s", type=float, default=4.0)
     parser.add_argument("--broker-requests", type=int, default=400)
     parser.add_argument("--broker-rate", type=float, default=60.0, help="requests/s")
-    parser.add_argument("--broker-faults", type=int, default=len(FAULTS), help="how many kinds")
+    parser.add_argument("--broker-faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
     parser.add_argument("--corpus-timeout-s", type=float, default=40.0)
     parser.add_argument("--fuzz-records", type=int, default=300, help="generated records")
     parser.add_argument("--fuzz-seed", type=int, default=17)

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench.chaos_support import MODEL, Row, produce_paced, requests_for
 from infra.kafka import KafkaSettings
 from schemas import Topics
+from tests.harness.admission import AdmissionFile
 from tests.harness.mock_cluster import ApiKey, ErrorCode, MockCluster
 from tests.harness.outcomes import TopicTap, terminal_replies
 from worker.app import Worker
@@ -89,7 +90,12 @@ FAULTS: dict[str, Fault] = {
 
 
 def _settings(mock: MockCluster, topics: Topics, hub: Path, state: Path) -> WorkerSettings:
+    """A worker on the mock cluster that a pinned authority (next to its state) admits."""
+    state.mkdir(parents=True, exist_ok=True)
+    admission = AdmissionFile(state / "admission.json")
+    admission.admit_worker(WorkerSettings(key_dir=state / "keys"))
     return WorkerSettings(
+        admission=admission.settings(),
         namespace=topics.namespace,
         kafka=KafkaSettings(
             bootstrap_servers=mock.bootstraps,

@@ -88,7 +88,6 @@ async def fuzz_scenario(
     topics = await new_namespace(bootstrap, "cf")
     run = work / topics.namespace
     group = f"{topics.namespace}-workers"
-    run.mkdir(parents=True)
     workers = [
         Child("worker", f"worker-{i}", worker_env(bootstrap, topics, hub, run / f"node-{i}"), run)
         for i in range(_WORKERS)
@@ -142,7 +141,7 @@ async def fuzz_scenario(
         sent=len(sent),
         answered=verdict.answered,
         lost=verdict.lost,
-        duplicates=verdict.duplicates,
+        duplicates=verdict.answered_twice,
         dlq=verdict.dead_lettered,
         crashes=sum(len(w.crashes) for w in workers),
         crash_loops=len(loops),
@@ -152,6 +151,7 @@ async def fuzz_scenario(
             "corpus_records": len(hostile) - records,
             "canary": CANARY,
             "committed_to_end": committed,
+            "copies_dropped_as_duplicates": verdict.duplicates,
             "problems": problems[:20],
             "outcomes": dict(sorted(verdict.outcomes.items())),
             "crash_loop_exits": loops,

@@ -29,6 +29,7 @@ from client import build_request
 from infra.dev.processes import log_tail, spawn
 from infra.kafka import KafkaSettings
 from infra.kafka.admin import ensure_topics
+from infra.kafka.ports import TopicPartition
 from schemas import InferenceRequest, MLInput, Tensor, Topics, encode
 from schemas.topics import standard_topics
 from tests.harness.admission import AdmissionFile
@@ -99,6 +100,7 @@ def _base_env(prefix: str) -> dict[str, str]:
 
 def _admission(run: Path) -> AdmissionFile:
     """The run's pinned admission authority (one list beside every node and ledger of it)."""
+    run.mkdir(parents=True, exist_ok=True)
     return AdmissionFile(run / "admission.json")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from infra.admission import AdmissionKeeper, AdmissionSettings, admission_source
+from infra.admission import AdmissionKeeper, AdmissionSettings
 from infra.kafka.ports import Kafka
 from infra.kafka.reader import TopicReader
 from infra.lifecycle import Supervisor
@@ -54,12 +54,9 @@ class ClientTrust:
 
     async def start(self) -> None:
         try:
-            source = admission_source(self._admission_settings)
+            self._keeper = AdmissionKeeper.of(self._admission_settings, self._facts)
         except ValueError as e:
             raise TrustUnavailable(f"admission: {e}") from e
-        self._keeper = AdmissionKeeper(
-            source, self._admission_settings.refresh_interval_s, self._facts
-        )
         await self._keeper.refresh()
         self._supervisor.spawn("admission", self._keeper.run())
         await self._reader.start()

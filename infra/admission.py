@@ -80,6 +80,13 @@ class AdmissionSettings(BaseModel):
         default=None, description="the SignedAdmissionList JSON file (source=authority)"
     )
     refresh_interval_s: float = Field(default=5.0, gt=0, description="how often facts refresh")
+    max_stale_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="facts older than this (refreshes failing meanwhile) make the service "
+        "unhealthy: it stops judging (settlement stops, clients raise) instead of trusting "
+        "admissions that may have been revoked since",
+    )
 
 
 class AdmissionSource(Protocol):
@@ -211,17 +218,40 @@ class AdmissionKeeper:
         source: AdmissionSource,
         interval_s: float,
         on_change: Callable[[Admissions], None] | None = None,
+        *,
+        max_stale_s: float = 60.0,
+        clock_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self._source = source
         self._interval_s = interval_s
         self._on_change = on_change
+        self._max_stale_ms = max_stale_s * 1000
+        self._clock_ms = clock_ms
         self.current = Admissions()
         """Until the first refresh: nobody admitted (fail closed)."""
         self.failure: str | None = None
+        """The last refresh's error type (None after a success)."""
+
+    @classmethod
+    def of(
+        cls, settings: AdmissionSettings, on_change: Callable[[Admissions], None] | None = None
+    ) -> AdmissionKeeper:
+        """The keeper ``settings`` describe (``ValueError`` when they lack what it needs)."""
+        return cls(
+            admission_source(settings),
+            settings.refresh_interval_s,
+            on_change,
+            max_stale_s=settings.max_stale_s,
+        )
 
     @property
     def healthy(self) -> bool:
-        return (self.failure is None and self.current.as_of_unix_ms > 0) or self.current.open
+        """Facts are current: refreshed within ``max_stale_s`` (a transient failed refresh is
+        tolerated; facts that stopped moving are not)."""
+        if self.current.open:
+            return True
+        fetched = self.current.as_of_unix_ms
+        return fetched > 0 and self._clock_ms() - fetched <= self._max_stale_ms
 
     async def refresh(self) -> Admissions:
         try:

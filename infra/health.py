@@ -157,7 +157,10 @@ class HealthServer:
         try:
             result = check()
             if inspect.isawaitable(result):
-                result = await asyncio.wait_for(result, self._check_timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+                # of a probe that the server's shutdown cancels.
+                async with asyncio.timeout(self._check_timeout_s):
+                    result = await result
             return bool(result)
         except Exception as e:
             log.warning("health check failed", extra={"check": name, "error": type(e).__name__})

@@ -17,7 +17,7 @@ import asyncio
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.admission import AdmissionKeeper, AdmissionSettings, admission_source
+from infra.admission import AdmissionKeeper, AdmissionSettings
 from infra.kafka.ports import Kafka
 from infra.kafka.reader import TopicReader
 from infra.lifecycle import Supervisor
@@ -80,9 +80,7 @@ class NodeRegistry:
             )
         )
         self.reader = TopicReader(kafka.consumer(None), topic, self.view.apply)
-        self.admission = AdmissionKeeper(
-            admission_source(admission), admission.refresh_interval_s, self._admissions
-        )
+        self.admission = AdmissionKeeper.of(admission, self._admissions)
 
     def _admissions(self, facts: Admissions) -> None:
         self.view.admissions = facts

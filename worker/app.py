@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nacl.public import PublicKey
 
-from infra.admission import AdmissionKeeper, admission_source
+from infra.admission import AdmissionKeeper
 from infra.health import HealthServer, kafka_reachable
 from infra.kafka.client import ClusterKafka
 from infra.kafka.ports import Consumer, Kafka, Producer
@@ -199,6 +199,9 @@ class Worker:
                     ),
                     "consuming": lambda: self.intake is not None and not self._stop_requested,
                     "admitted": lambda: self.admitted,
+                    "admission_current": lambda: (
+                        self.admission is not None and self.admission.healthy
+                    ),
                     "background_tasks": lambda: (
                         self.supervisor.healthy and (self.intake is None or self.intake.healthy)
                     ),
@@ -283,10 +286,9 @@ class Worker:
         them fresh: after a revocation the node answers ``not_admitted``."""
         s = self.settings
         try:
-            source = admission_source(s.admission)
+            self.admission = AdmissionKeeper.of(s.admission)
         except ValueError as e:
             raise WorkerFatal(f"admission: {e}") from e
-        self.admission = AdmissionKeeper(source, s.admission.refresh_interval_s)
         self._chain_address = address
         waited = False
         while not self._stop_requested:

@@ -26,6 +26,7 @@ from schemas.codec import encode
 from schemas.merkle import MerkleTree
 from schemas.settlement import SettlementRecord
 from schemas.topics import Topics
+from settlement.app import SettlementFatal
 from settlement.batcher import Batcher, BatcherConfig
 from settlement.chain import ChainError
 from settlement.ledger import Accepted, BatchNotFoundError, Ledger, Origin, open_ledger
@@ -212,6 +213,42 @@ class SettlementContract:
         assert counts == {"verified": 5.0, "stored": 3.0, "rejected": 2.0}, (
             "a replay must be counted as a rejection, as the ledger stores it"
         )
+
+    async def test_once_admission_facts_stop_refreshing_settlement_stops_and_commits_nothing(
+        self, kafka: KafkaEnv, tmp_path: Path
+    ) -> None:
+        # An attacker who can make the authority's list unreadable (or an RPC that stops
+        # answering) must not leave settlement judging on facts a revocation has overtaken.
+        topics = await kafka.new_namespace([MODEL])
+        await register(kafka, topics, NODE_A)
+        run = SettlementRun(
+            kafka, topics, tmp_path / "ledger.sqlite3", admitted=[NODE_A], admission_max_stale_s=1
+        )
+        service = await run.start()
+        first = [signed_record(NODE_A, rid) for rid in ids("fresh", 3)]
+        await publish(kafka, topics, first)
+        ledger = service.ledger
+        assert ledger is not None
+        group = service.settings.group_id
+        ends = await settlement_ends(kafka, topics, len(first))
+
+        async def settled() -> bool:
+            return await kafka.committed(group, topics.settlement) == ends
+
+        await kafka.wait_until(settled, "the first records settled and committed")
+        assert service.ready
+        run.admission.path.write_bytes(b"not a signed list")
+        await kafka.wait_until(lambda: not service.ready, "readiness fails on stale facts")
+        await publish(kafka, topics, [signed_record(NODE_A, rid) for rid in ids("late", 3)])
+        await kafka.wait_until(lambda: run.task.done(), "settlement stopped")
+        with pytest.raises(SettlementFatal):
+            await run.stop()
+        reopened = open_ledger(str(tmp_path / "ledger.sqlite3"))
+        try:
+            assert reopened.count() == 3
+        finally:
+            reopened.close()
+        assert await kafka.committed(group, topics.settlement) == ends
 
     async def test_a_crash_between_ledger_write_and_commit_redelivers_as_a_no_op(
         self, kafka: KafkaEnv, tmp_path: Path

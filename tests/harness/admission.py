@@ -50,12 +50,15 @@ class AdmissionFile:
             self.measurements = {(m.kind, m.measurement) for m in signed.list.measurements}
         self.write()
 
-    def settings(self, refresh_interval_s: float = 0.3) -> AdmissionSettings:
+    def settings(
+        self, refresh_interval_s: float = 0.3, max_stale_s: float = 60.0
+    ) -> AdmissionSettings:
         return AdmissionSettings(
             source="authority",
             authority_list=self.path,
             authority_keys=[self.authority.node_id],
             refresh_interval_s=refresh_interval_s,
+            max_stale_s=max_stale_s,
         )
 
     def admit(self, node_id: str, chain_address: str) -> None:

@@ -93,6 +93,8 @@ class Verdict:
     duplicates: int = 0
     """Copies of a whole request whose id another record carried (dropped by design)."""
     lost: int = 0
+    answered_twice: int = 0
+    """Request ids with more than one terminal reply (several records carried them)."""
     problems: list[str] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     """Reply types and error codes seen, and ``dlq`` (for reports)."""
@@ -108,6 +110,7 @@ class Verdict:
             "dead_lettered": self.dead_lettered,
             "duplicates": self.duplicates,
             "lost": self.lost,
+            "answered_twice": self.answered_twice,
             "problems": self.problems[:20],
             "outcomes": dict(sorted(self.outcomes.items())),
         }
@@ -203,6 +206,7 @@ def check(
         low = malformed + (1 if whole and not copy_dead else 0)
         high = malformed + whole
         got = len(answers.get(rid, []))
+        v.answered_twice += got > 1
         results = sum(d.get("type") in RESULTS for d in answers.get(rid, []))
         if results > 1:
             v.problems.append(f"{rid!r}: {results} results (run more than once)")

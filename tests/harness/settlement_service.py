@@ -36,6 +36,7 @@ class SettlementRun:
         registry: RegistrySettings | None = None,
         kafka: Kafka | None = None,
         max_batch: int = 500,
+        admission_max_stale_s: float = 60.0,
     ) -> None:
         self.admission = AdmissionFile(ledger_path.with_name("admission.json"))
         self.admission.admit_all((n.node_id, n.chain_address) for n in admitted)
@@ -46,7 +47,7 @@ class SettlementRun:
             group_id=group or f"{topics.namespace}-settlement",
             ledger_url=str(ledger_path),
             registry=registry or RegistrySettings(),
-            admission=self.admission.settings(),
+            admission=self.admission.settings(max_stale_s=admission_max_stale_s),
             max_batch=max_batch,
             anchor=False,
         )

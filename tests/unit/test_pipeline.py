@@ -8,10 +8,20 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.base import VerificationMode
-from schemas.requests import InferenceRequest, MLInput, Tensor, input_hash
+from schemas.base import SettlementMode, VerificationMode
+from schemas.requests import (
+    ChatInput,
+    ChatMessage,
+    InferenceRequest,
+    MLInput,
+    SamplingParams,
+    Tensor,
+    input_hash,
+)
 from schemas.results import (
     ErrorCode,
     ErrorReply,
@@ -328,3 +338,58 @@ async def test_a_stuck_engine_is_answered_deadline_exceeded_at_the_request_deadl
     )
     reply = _error(await pipeline.handle(chat_request(deadline_unix_ms=NOW_MS + 50)))
     assert reply.code is ErrorCode.DEADLINE_EXCEEDED and engine.cancelled
+
+
+# --- who pays, and when ---------------------------------------------------------------------
+
+_OTHER_TERMS: dict[str, object] = {
+    "request_id": "req-p-2",
+    "model": "demo-mlp",
+    "created_unix_ms": NOW_MS - 99,
+    "settlement": SettlementMode.PRIVATE,
+    "params": 65,
+    "payload": "other prompt",
+}
+
+
+@given(term=st.sampled_from(sorted(_OTHER_TERMS)))
+@settings(max_examples=20, deadline=None)
+async def test_a_payer_grant_moved_to_other_terms_is_refused_before_running(term: str) -> None:
+    # The attacker copies a paying request and changes one term (or pastes its payer onto its
+    # own request): the grant is rebuilt from what the node would run, so it does not verify.
+    engine = ScriptedEngine(name=str(_OTHER_TERMS["model"]) if term == "model" else "demo-lm")
+    pipeline = Pipeline({engine.model_name: engine}, SIGNER, CHAIN_SIGNER, clock_ms=lambda: NOW_MS)
+    paid = chat_request()
+    value = _OTHER_TERMS[term]
+    if term == "params":
+        changed = paid.payload.model_copy(update={"params": SamplingParams(max_tokens=65)})  # type: ignore[union-attr]
+        moved = paid.model_copy(update={"payload": changed})
+    elif term == "payload":
+        other = chat_request(
+            payer=None, payload=ChatInput(messages=[ChatMessage(role="user", content=str(value))])
+        )
+        moved = other.model_copy(update={"payer": paid.payer})
+    else:
+        moved = paid.model_copy(update={term: value})
+    outcome = await pipeline.handle(moved)
+    assert outcome.error_code is ErrorCode.BAD_PAYER
+    assert engine.calls == [] and outcome.record is None
+
+
+@pytest.mark.parametrize("age_ms", [3_600_001, 10**11], ids=["an-hour-old", "years-old"])
+async def test_a_replayed_old_request_is_refused_stale(age_ms: int) -> None:
+    engine = ScriptedEngine()
+    outcome = await _pipeline(engine).handle(chat_request(created_unix_ms=NOW_MS - age_ms))
+    assert outcome.error_code is ErrorCode.STALE_REQUEST and engine.calls == []
+    future = await _pipeline(engine).handle(chat_request(created_unix_ms=NOW_MS + 300_001))
+    assert future.error_code is ErrorCode.STALE_REQUEST
+
+
+async def test_a_node_that_is_not_admitted_runs_nothing() -> None:
+    engine = ScriptedEngine()
+    pipeline = Pipeline(
+        {"demo-lm": engine}, SIGNER, CHAIN_SIGNER, clock_ms=lambda: NOW_MS, admitted=lambda: False
+    )
+    outcome = await pipeline.handle(chat_request())
+    assert outcome.error_code is ErrorCode.NOT_ADMITTED and engine.calls == []
+    assert isinstance(outcome.reply, ErrorReply) and outcome.reply.retryable

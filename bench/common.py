@@ -1,0 +1,110 @@
+"""What every benchmark module shares: the ``--smoke``/``--results`` options, writing a section
+of ``bench/results.json`` (and its headline ``summary``), Markdown tables and spreads.
+
+``--smoke`` runs a module at tiny sizes in seconds, to keep it working
+(``tests/integration/test_bench_smoke.py`` runs every module so); its figures mean nothing, so
+a smoke run never writes ``bench/results.json`` unless ``--results`` names a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RESULTS",
+    "SUMMARY_KEYS",
+    "add_run_options",
+    "results_path",
+    "spread",
+    "summary_of",
+    "table",
+    "write_section",
+]
+
+RESULTS = Path(__file__).with_name("results.json")
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "worker_rps",
+    "worker_vs_raw_ratio",
+    "worker_vs_floor_ratio",
+    "processes_2_speedup",
+    "added_latency_p50_ms",
+    "added_latency_p99_ms",
+    "window64_efficiency",
+    "settlement_records_per_s_sqlite",
+    "settlement_records_per_s_postgres",
+    "settlement_2_consumers_speedup",
+    "vllm_worker_vs_alone_ratio",
+)
+"""The headline figures, in ``results.json``'s ``summary`` (null where not measured)."""
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, seconds: keeps the benchmark working"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results file to write the section into (default bench/results.json; "
+        "a smoke run writes nothing unless this is given)",
+    )
+
+
+def results_path(args: argparse.Namespace) -> Path | None:
+    """Where this run's figures go: ``--results``, else ``RESULTS`` unless smoke."""
+    if args.results is not None:
+        return Path(args.results)
+    return None if args.smoke else RESULTS
+
+
+def summary_of(existing: Any) -> dict[str, Any]:
+    """``existing`` with exactly ``SUMMARY_KEYS`` (null where missing or not a number)."""
+    old = existing if isinstance(existing, dict) else {}
+    out: dict[str, Any] = {}
+    for key in SUMMARY_KEYS:
+        value = old.get(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        out[key] = value if ok else None
+    return out
+
+
+def write_section(
+    path: Path | None, name: str, section: dict[str, Any], summary: dict[str, Any]
+) -> None:
+    """Put ``section`` under ``name`` in ``path`` and merge ``summary`` into its ``summary``
+    (keys outside ``SUMMARY_KEYS`` are refused: the summary's shape is fixed)."""
+    unknown = set(summary) - set(SUMMARY_KEYS)
+    if unknown:
+        raise ValueError(f"not summary keys: {sorted(unknown)}")
+    if path is None:
+        return
+    existing: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    existing[name] = section
+    merged = summary_of(existing.get("summary"))
+    merged.update(summary)
+    existing["summary"] = merged
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
+    """``median (min-max)`` of ``values``."""
+    if not values:
+        return "-"
+    med = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return f"{med} (1 run)"
+    return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
