@@ -89,11 +89,11 @@ class Publisher:
             # Only once the reply is acknowledged: a reply the cluster refuses (its topic does
             # not exist) is dead-lettered, and its result must not be booked meanwhile. The
             # client is not kept waiting: it has the reply already; only the commit waits.
+            # Keyed by request id: one node's records spread over every settlement partition
+            # (several settlement consumers share them), and copies of one request's record
+            # land on one partition, judged in order (booked once, then replay).
             await self._producer.send_and_wait(
-                self._topics.settlement,
-                encode(outcome.record),
-                key=outcome.record.envelope.node_id.encode(),
-                headers=headers,
+                self._topics.settlement, encode(outcome.record), key=key, headers=headers
             )
         if self._metrics is not None:
             self._metrics.message_published("reply", time.perf_counter() - started)

@@ -129,7 +129,11 @@ CHANNELS = (
         description="Hashes and signatures of every result (never the prompt or output), and "
         "ZKML proofs that follow them. Consumed by the settlement service.",
         modules=("schemas.settlement", "schemas.proofs"),
-        key={**_HEX32, "description": "The node id (hex ed25519 public key)."},
+        key={
+            "type": "string",
+            "description": "The request id: a request's records share a partition, one "
+            "node's records spread over all of them.",
+        },
         headers="AnswerHeaders",
         topic_spec="settlement",
     ),

@@ -58,11 +58,11 @@ def ids(prefix: str, n: int) -> list[str]:
 async def publish(
     kafka: KafkaEnv, topics: Topics, messages: Sequence[bytes | SettlementRecord]
 ) -> None:
-    """Produce to the settlement topic as workers do (keyed by node id), in order."""
+    """Produce to the settlement topic as workers do (keyed by request id), in order."""
     async with kafka.producer() as producer:
         for message in messages:
             if isinstance(message, SettlementRecord):
-                value, key = encode(message), message.envelope.node_id.encode()
+                value, key = encode(message), message.envelope.request_id.encode()
             else:
                 value, key = message, b"garbage"
             await producer.send_and_wait(topics.settlement, value, key=key)

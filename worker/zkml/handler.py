@@ -177,14 +177,14 @@ async def _prepare_in_child(
 
 
 def proof_publisher(producer: Producer, topics: Topics) -> ProofPublish:
-    """Publish proof records on ``<ns>.settlement`` (key: node id), acknowledged."""
+    """Publish proof records on ``<ns>.settlement`` (key: request id), acknowledged."""
     headers = [(t.HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode())]
 
     async def publish(record: ProofRecord) -> None:
         await producer.send_and_wait(
             topics.settlement,
             encode(record),
-            key=record.claims.node_id.encode(),
+            key=record.claims.request_id.encode(),  # beside its result's record
             headers=headers,
         )
 
