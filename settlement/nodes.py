@@ -21,7 +21,6 @@ from infra.admission import AdmissionKeeper, AdmissionSettings
 from infra.kafka.ports import Kafka
 from infra.kafka.reader import TopicReader
 from infra.lifecycle import Supervisor
-from schemas.base import VerificationMode
 from schemas.verify.admission import Admissions
 from schemas.verify.attestation import AttestationPolicySettings, registration_verdict
 from schemas.verify.registry import RegistryPolicy, RegistryView
@@ -80,6 +79,9 @@ class NodeRegistry:
             )
         )
         self.reader = TopicReader(kafka.consumer(None), topic, self.view.apply)
+        # The node gate (``schemas.verify.record.NodeGate``) is the view's.
+        self.check = self.view.check
+        self.chain_address = self.view.chain_address
         self.admission = AdmissionKeeper.of(admission, self._admissions)
 
     def _admissions(self, facts: Admissions) -> None:
@@ -98,19 +100,6 @@ class NodeRegistry:
     def healthy(self) -> bool:
         """False once the registry reader died or admission facts stopped refreshing."""
         return self.reader.healthy and self.admission.healthy
-
-    def check(
-        self,
-        node_id: str,
-        model_id: str,
-        model_digest: str,
-        mode: VerificationMode,
-        received_unix_ms: int,
-    ) -> str | None:
-        return self.view.check(node_id, model_id, model_digest, mode, received_unix_ms)
-
-    def chain_address(self, node_id: str) -> str | None:
-        return self.view.chain_address(node_id)
 
     async def await_nodes(self, node_ids: set[str]) -> None:
         """Give registrations of ``node_ids`` the view does not know yet a bounded time to

@@ -128,6 +128,8 @@ class Pipeline:
         self._private_models = private_models
         self._modes = dict(modes or {})
         self._answers = Answers(signer, chain_signer, clock_ms)
+        self.error = self._answers.error
+        """A signed error (sealed to ``reply_key`` when given): ``Answers.error``."""
         self._retries = retries
         self._backoff_s = retry_backoff_s
         self._clock_ms = clock_ms
@@ -138,28 +140,6 @@ class Pipeline:
     @property
     def node_id(self) -> str:
         return self._answers.node_id
-
-    def error(
-        self,
-        request_id: str,
-        model: str,
-        code: ErrorCode,
-        message: str,
-        *,
-        retryable: bool = False,
-        input_hash: str | None = None,
-        reply_key: PublicKey | None = None,
-    ) -> ErrorReply | SealedReply:
-        """A signed error (sealed to ``reply_key`` when given)."""
-        return self._answers.error(
-            request_id,
-            model,
-            code,
-            message,
-            retryable=retryable,
-            input_hash=input_hash,
-            reply_key=reply_key,
-        )
 
     async def handle(
         self,
