@@ -1,8 +1,11 @@
-"""Signing and attestation verification costs: ``python -m bench.attestation [--n N]``.
+"""Signing and attestation verification costs: ``python -m bench.attestation [--n N]``
+(``--smoke`` for tiny sizes).
 
-- ed25519 sign and verify rates for result envelopes (``schemas.signing.Signer``,
-  ``schemas.signing.verify_envelope_signature``), including the canonical encoding and hashing
-  each one does;
+- a v2 result's signatures (``schemas.signing``): signing twice (envelope digest, ed25519 and
+  EIP-191 with the chain key) as a node does and checking both as a verifier does, and each
+  signature alone, per operation against its bare primitives measured in the same run (pynacl
+  ``SigningKey.sign``/``VerifyKey.verify`` over the 32-byte digest, coincurve's recoverable
+  signature and recovery over the EIP-191 hash, sha256 of the canonical bytes);
 - the time to verify one attestation record end to end (``schemas.verify.attestation
   .verify_attestation``: base64, parsing, the vendor chain, policy) for the real TDX v4 and v5
   quotes with their collateral, the real SEV-SNP report with AMD's chain, the real AWS Nitro
@@ -14,25 +17,35 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import coincurve
 import dcap_qvl
+from nacl.signing import SigningKey
 
+from bench.common import add_run_options, results_path, table, write_section
 from schemas.attestation import Attestation, encode_b64
-from schemas.base import VerificationMode
-from schemas.results import ResultEnvelope, Usage
-from schemas.signing import Signer, verify_envelope_signature
+from schemas.canonical import canonical_bytes
+from schemas.signing import (
+    chain_message_hash,
+    envelope_digest,
+    recover_chain_address,
+    verify_envelope_signature,
+)
 from schemas.verify.attestation import (
     AttestationPolicy,
     parse_nitro_document,
     verify_attestation,
     verify_nitro_document,
 )
+from tests.harness.nodes import TestNode
 from worker.trust.attestation import DevProvider
 
 DATA = Path(__file__).parents[1] / "tests" / "data" / "attestation"
@@ -124,32 +137,98 @@ def _dev() -> Callable[[], object]:
     return _case(att, b"\x01" * 64, 1_795_000_001_000, allow_dev=True)
 
 
+def _signing_cases(n: int) -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
+    """(name, operation, its bare primitive) for a v2 result's signatures."""
+    node = TestNode.seeded(1)
+    record = node.record("bench-1")
+    envelope = record.envelope
+    digest = envelope_digest(envelope)
+    chain_hash = chain_message_hash(digest)
+    seed = bytes(range(32))
+    key = SigningKey(seed)
+
+    def sign_both() -> object:
+        d = envelope_digest(envelope)
+        return node.signer.sign_digest(d), node.chain.sign_digest(d)
+
+    def verify_both() -> object:
+        d = envelope_digest(envelope)
+        assert verify_envelope_signature(envelope, record.signature)
+        return recover_chain_address(d, record.chain_signature) == node.chain_address
+
+    raw_chain = bytes.fromhex(record.chain_signature.removeprefix("0x"))
+    recoverable = raw_chain[:64] + bytes([raw_chain[64] - 27])
+    secp = coincurve.PrivateKey(hashlib.sha256(b"bench").digest())
+    signed = key.sign(digest).signature
+    verify_key = key.verify_key
+    canonical = canonical_bytes(envelope)
+
+    def ed_sign() -> object:
+        return key.sign(digest)
+
+    def ed_verify() -> object:
+        return verify_key.verify(digest, signed)
+
+    def secp_sign() -> object:
+        return secp.sign_recoverable(chain_hash, hasher=None)
+
+    def secp_recover() -> object:
+        return coincurve.PublicKey.from_signature_and_message(recoverable, chain_hash, hasher=None)
+
+    return [
+        (
+            "result: sign twice (digest + ed25519 + EIP-191)",
+            sign_both,
+            lambda: (ed_sign(), secp_sign()),
+        ),
+        ("result: verify both signatures", verify_both, lambda: (ed_verify(), secp_recover())),
+        ("ed25519 sign envelope digest", lambda: node.signer.sign_digest(digest), ed_sign),
+        (
+            "ed25519 verify envelope (digest + verify)",
+            lambda: verify_envelope_signature(envelope, record.signature),
+            ed_verify,
+        ),
+        ("EIP-191 sign (keccak + secp256k1)", lambda: node.chain.sign_digest(digest), secp_sign),
+        (
+            "EIP-191 recover address",
+            lambda: recover_chain_address(digest, record.chain_signature),
+            secp_recover,
+        ),
+        (
+            "envelope digest (canonical + sha256)",
+            lambda: envelope_digest(envelope),
+            lambda: hashlib.sha256(canonical),
+        ),
+    ]
+
+
+def _row(name: str, times: list[float], bare: list[float] | None) -> dict[str, Any]:
+    ordered = sorted(times)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    row: dict[str, Any] = {
+        "operation": name,
+        "per_s": len(times) / sum(times),
+        "p50_us": statistics.median(ordered) * 1e6,
+        "p99_us": p99 * 1e6,
+    }
+    if bare is not None:
+        row["bare_p50_us"] = statistics.median(bare) * 1e6
+        row["vs_bare"] = row["p50_us"] / row["bare_p50_us"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=2000, help="signatures per rate measurement")
+    add_run_options(parser)
+    parser.add_argument("--n", type=int, default=2000, help="runs per signature operation")
     parser.add_argument("--attest-n", type=int, default=50, help="runs per attestation kind")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.attest_n = 50, 3
 
-    signer = Signer(bytes(range(32)))
-    envelope = ResultEnvelope(
-        request_id="bench-1",
-        model_id="demo-mlp",
-        model_digest="ab" * 32,
-        mode=VerificationMode.VANILLA,
-        input_hash="cd" * 32,
-        output_hash="ef" * 32,
-        usage=Usage(input_tokens=10, output_tokens=20),
-        node_id=signer.node_id,
-        signed_unix_ms=1_795_000_000_000,
-    )
-    signature = signer.sign_envelope(envelope)
-    sign = _per_op_s(lambda: signer.sign_envelope(envelope), args.n)
-    verify = _per_op_s(lambda: verify_envelope_signature(envelope, signature), args.n)
-
-    rows = [
-        ("ed25519 sign envelope", f"{args.n / sum(sign):,.0f} /s", sign),
-        ("ed25519 verify envelope", f"{args.n / sum(verify):,.0f} /s", verify),
-    ]
+    rows = []
+    for name, op, bare in _signing_cases(args.n):
+        rows.append(_row(name, _per_op_s(op, args.n), _per_op_s(bare, args.n)))
     for name, build in [
         ("attestation tdx (v4 quote)", lambda: _tdx("v4")),
         ("attestation tdx (v5 quote)", lambda: _tdx("v5")),
@@ -157,16 +236,26 @@ def main() -> None:
         ("attestation nitro (document)", _nitro),
         ("attestation dev", _dev),
     ]:
-        run = build()
-        times = _per_op_s(run, args.attest_n)
-        rows.append((name, f"{args.attest_n / sum(times):,.0f} /s", times))
+        rows.append(_row(name, _per_op_s(build(), args.attest_n), None))
 
-    print(f"{'operation':<30} {'rate':>12} {'median':>10} {'p95':>10}")
-    for name, rate, times in rows:
-        ordered = sorted(times)
-        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        median = statistics.median(ordered)
-        print(f"{name:<30} {rate:>12} {median * 1e3:>8.3f}ms {p95 * 1e3:>8.3f}ms")
+    print(
+        table(
+            ["operation", "per second", "p50 µs", "p99 µs", "bare primitive p50 µs", "vs bare"],
+            [
+                [
+                    r["operation"],
+                    f"{r['per_s']:,.0f}",
+                    f"{r['p50_us']:.1f}",
+                    f"{r['p99_us']:.1f}",
+                    f"{r['bare_p50_us']:.1f}" if "bare_p50_us" in r else "-",
+                    f"{r['vs_bare']:.2f}" if "vs_bare" in r else "-",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    section = {"smoke": args.smoke, "n": args.n, "attest_n": args.attest_n, "rows": rows}
+    write_section(results_path(args), "attestation", section, {})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ __all__ = [
     "RESULTS",
     "SUMMARY_KEYS",
     "add_run_options",
+    "demo_hub",
     "results_path",
     "spread",
     "summary_of",
@@ -44,7 +46,14 @@ SUMMARY_KEYS: tuple[str, ...] = (
 """The headline figures, in ``results.json``'s ``summary`` (null where not measured)."""
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser, *, hub: bool = False) -> None:
+    if hub:
+        parser.add_argument(
+            "--hub",
+            type=Path,
+            default=None,
+            help="a demo hub built already (copied, never changed); default: built for the run",
+        )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, seconds: keeps the benchmark working"
     )
@@ -62,6 +71,18 @@ def results_path(args: argparse.Namespace) -> Path | None:
     if args.results is not None:
         return Path(args.results)
     return None if args.smoke else RESULTS
+
+
+def demo_hub(work: Path, source: Path | None) -> Path:
+    """A demo hub of this run's own under ``work`` (a copy of ``source`` when given: building
+    the demo LM takes seconds; the copy is checked, and rebuilt where it differs)."""
+    from infra.dev.demo_models import build_demo_hub
+
+    hub = work / "hub"
+    if source is not None:
+        shutil.copytree(source, hub)
+    build_demo_hub(hub)
+    return hub
 
 
 def summary_of(existing: Any) -> dict[str, Any]:

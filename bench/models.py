@@ -1,6 +1,7 @@
 """Model benchmarks: cold vs warm load per format, and ONNX requests per second.
 
-Run with ``python -m bench.models`` (``--no-worker`` skips the broker part).
+Run with ``python -m bench.models`` (``--no-worker`` skips the broker part; ``--smoke``: ONNX
+only, tiny sizes).
 
 1. **Load** (``onnx``: demo-mlp, ``hf-causal-lm``: demo-lm). Every sample is a fresh Python
    process, as a restarting pod would be, timed in phases: importing the runtime, getting a
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import add_run_options, demo_hub, results_path, table, write_section
 from schemas.requests import MLInput
 
 _FORMATS = {"onnx": "demo-mlp", "hf-causal-lm": "demo-lm"}
@@ -89,9 +91,11 @@ def _sample(fmt: str, hub: Path, cache_dir: Path) -> dict[str, float]:
     return sample
 
 
-def bench_loads(hub: Path, work: Path, repeats: int) -> dict[str, dict[str, dict[str, float]]]:
+def bench_loads(
+    hub: Path, work: Path, repeats: int, formats: list[str]
+) -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for fmt in _FORMATS:
+    for fmt in formats:
         cold, warm = [], []
         for i in range(repeats):
             cache_dir = work / f"cache-{fmt}-{i}"
@@ -155,37 +159,45 @@ async def bench_onnx_engine(hub: Path, work: Path, seconds: float) -> dict[str, 
 
 
 async def bench_onnx_worker(hub: Path, work: Path, n: int) -> float:
-    from bench.intake import run_worker
+    from bench.intake import corpus, run_worker
     from infra.dev.broker import running_broker
 
-    with running_broker(log_dir=work / "broker") as broker:
-        rate, _, _ = await run_worker(broker.bootstrap, hub, "demo-mlp", n, 4, 64, work)
-    return rate
+    with running_broker(log_dir=work) as broker:
+        run = await run_worker(broker.bootstrap, hub, "demo-mlp", corpus(n), 4, 64, work)
+    return run.rps
 
 
-def _print_table(loads: dict[str, Any], rps: dict[str, float], worker_rps: float | None) -> None:
-    print("\nModel load (median of fresh processes; ms)")
-    print(
-        f"{'format':<14}{'cache':<7}{'import':>9}{'materialize':>13}{'load':>9}"
-        f"{'1st run':>9}{'total':>9}"
-    )
+def _print_tables(loads: dict[str, Any], rps: dict[str, float], worker_rps: float | None) -> None:
+    print("\nModel load (median of fresh processes; ms; total = materialize + load + 1st run)")
+    rows = []
     for fmt, by_kind in loads.items():
         for kind, s in by_kind.items():
             total = s["materialize_s"] + s["load_s"] + s["first_run_s"]
-            print(
-                f"{fmt:<14}{kind:<7}{s['import_s'] * 1e3:>9.1f}{s['materialize_s'] * 1e3:>13.1f}"
-                f"{s['load_s'] * 1e3:>9.1f}{s['first_run_s'] * 1e3:>9.1f}{total * 1e3:>9.1f}"
+            rows.append(
+                [
+                    fmt,
+                    kind,
+                    *(
+                        f"{s[k] * 1e3:.1f}"
+                        for k in ("import_s", "materialize_s", "load_s", "first_run_s")
+                    ),
+                    f"{total * 1e3:.1f}",
+                ]
             )
-    print("  total = materialize + load + first run (imports excluded)")
-    print("\nONNX demo-mlp, batch 1 (requests/s)")
-    for name, value in rps.items():
-        print(f"  {name:<28}{value:>10.0f}")
+    print(table(["format", "cache", "import", "materialize", "load", "1st run", "total"], rows))
+    bare = rps["bare InferenceSession.run"]
+    print("\nONNX demo-mlp, batch 1 (requests/s; against bare InferenceSession.run, same run)")
+    rows = [[name, f"{value:,.0f}", f"{value / bare:.3f}"] for name, value in rps.items()]
     if worker_rps is not None:
-        print(f"  {'through the worker (broker)':<28}{worker_rps:>10.0f}")
+        rows.append(
+            ["through the worker (broker)", f"{worker_rps:,.0f}", f"{worker_rps / bare:.3f}"]
+        )
+    print(table(["path", "req/s", "vs bare"], rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    add_run_options(parser, hub=True)
     parser.add_argument(
         "--child", nargs=3, metavar=("FORMAT", "HUB", "CACHE"), help=argparse.SUPPRESS
     )
@@ -193,26 +205,37 @@ def main() -> None:
     parser.add_argument("--onnx-seconds", type=float, default=3.0)
     parser.add_argument("--worker-requests", type=int, default=2000)
     parser.add_argument("--no-worker", action="store_true")
+    parser.add_argument("--formats", nargs="+", default=list(_FORMATS), choices=list(_FORMATS))
     args = parser.parse_args()
     if args.child:
         fmt, hub, cache = args.child
         print(json.dumps(_child(fmt, Path(hub), Path(cache))))
         return
-
-    from infra.dev.demo_models import build_demo_hub
+    if args.smoke:  # the LM's loads take seconds each: ONNX only
+        args.repeats, args.onnx_seconds, args.worker_requests = 1, 0.2, 300
+        args.formats = ["onnx"]
 
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         work = Path(tmp)
-        hub = work / "hub"
-        build_demo_hub(hub)
-        loads = bench_loads(hub, work, args.repeats)
+        hub = demo_hub(work, args.hub)
+        loads = bench_loads(hub, work, args.repeats, args.formats)
         rps = asyncio.run(bench_onnx_engine(hub, work, args.onnx_seconds))
+        (work / "worker").mkdir()
         worker_rps = (
             None
             if args.no_worker
             else asyncio.run(bench_onnx_worker(hub, work / "worker", args.worker_requests))
         )
-    _print_table(loads, rps, worker_rps)
+    _print_tables(loads, rps, worker_rps)
+    section = {
+        "smoke": args.smoke,
+        "repeats": args.repeats,
+        "loads": loads,
+        "onnx_rps": rps,
+        "worker_rps": worker_rps,
+        "worker_requests": args.worker_requests,
+    }
+    write_section(results_path(args), "models", section, {})
 
 
 if __name__ == "__main__":

@@ -1,29 +1,37 @@
-"""Settlement benchmarks: verify + store throughput of the real service, and gas per record.
+"""Settlement throughput: records/s of ``inference-node settlement run`` on SQLite and
+PostgreSQL, with one and two consumers in one group, and what verifying a record costs.
 
-Run with ``python -m bench.settlement``. Everything runs against real infrastructure started
-for the run (a Tansu broker, anvil, the local PostgreSQL) and stopped at the end.
+Run with ``python -m bench.settlement`` (``--smoke`` for tiny sizes). Real infrastructure: a
+Tansu broker started for the run and the local PostgreSQL (a schema per run, dropped after).
 
-1. Verify + store throughput. N signed settlement records (two node keys, ed25519, keyed by
-   node id as the worker produces them) are pre-produced once to a fresh namespace's
-   settlement topic. For each repeat and each ledger backend (SQLite in a temp file,
-   PostgreSQL in a unique schema dropped afterwards) a fresh ``SettlementService`` (anchoring
-   off, default ``max_batch`` 500) runs in-process under a fresh consumer group and consumes
-   the whole topic. The instance's ``_settle`` (verify every record, ``ledger.store`` in one
-   transaction, commit offsets) is wrapped with a timer: throughput is the records stored
-   after the first ``_settle`` call completed divided by the time from that completion to the
-   completion of the call that brought the ledger to N. The consumer-group join and the first
-   fetch are thereby excluded; fetches between batches are included.
-   For context, the two stages alone on the same records: ``verify_record`` over the N raw
-   messages in a loop (single core), and ``ledger.store`` of the verified records in batches
-   of 500 (with origins, as the service calls it) into a fresh ledger of each backend.
-2. Gas per settled record. On anvil with a freshly deployed Settlement contract: one
-   single-record batch first (the first batch in a contract also pays the zero → non-zero
-   write of ``batchCount``), then one more single-record batch — the baseline of anchoring
-   every record with its own ``settleBatch`` transaction — then one batch each of 100, 1,000
-   and 10,000 real leaves (``envelope_leaf`` of distinct records, tree built by
-   ``MerkleTree``). Reported: ``gas_used`` from the receipt, gas per record, the batch's gas
-   as a fraction of ``size`` single-record transactions, and the time to hash the leaves and
-   build the tree.
+1. Service throughput. N settlement records of one node (``tests.harness.nodes.TestNode``:
+   signed as a node signs them, ed25519 and EIP-191 over one digest), made and encoded once.
+   Per run: a fresh namespace (settlement topic of 4 partitions); the node registered on the
+   registry topic and admitted by the run's pinned authority; a fresh ledger; 1 or 2
+   ``inference-node settlement run`` processes (same group, anchoring off) started and waited
+   for until the group is ``Stable`` with that many members; then the N records are produced
+   (acks=all, timed apart) and the run ends when the ledger holds N. Throughput is taken from
+   the ledger itself: every record stores the time its batch was received
+   (``received_unix_ms``), so records/s = the records of every batch but the last received
+   over the span from the first batch's receipt to the last one's. Group joins and process
+   start are thereby excluded; verification, the ledger transaction and the offset commit of
+   every batch are included.
+   Keying: the worker keys settlement records by request id (``WORKER_KEYING``; the intake
+   benchmark reads the keying off the worker's own records), so one node's records spread over
+   every partition and two consumers can share them. Each configuration is also run keyed by
+   node id (the worker's keying before): all of one node's records land on one partition, and
+   the second consumer has nothing to do. Configurations: 1 consumer (worker keying),
+   2 consumers (worker keying), 2 consumers (the other keying), on each backend, alternating,
+   ``--repeats`` times. The headline speedup of two consumers is PostgreSQL's (SQLite is one
+   file with one writer at a time).
+2. Verification cost per record, on one core, over the same encoded records:
+   ``verify_record`` (decode, bounds, ed25519 verify of the envelope digest) and
+   ``recover_chain_address`` (the EIP-191 chain signature: keccak + secp256k1 recovery, what
+   the node gate compares with the admitted address), and the two signature checks alone.
+3. ``ledger.store`` alone (500 verified records per call, as the service calls it) into a
+   fresh ledger of each backend: the storage ceiling beside the service figure.
+
+Gas per anchored record is ``bench.settlement_gas``'s.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -41,111 +49,52 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
-from pydantic import SecretStr
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
-from bench.intake import table
-from infra.dev.anvil import DEV_ACCOUNTS, dev_private_key, running_anvil
+from bench.chaos_support import Child, fast_kafka, new_namespace, settlement_env
+from bench.common import add_run_options, results_path, spread, table, write_section
 from infra.dev.broker import running_broker
 from infra.kafka import KafkaSettings
-from infra.kafka.admin import ensure_topics
-from schemas import ResultEnvelope, SettlementRecord, Usage, VerificationMode, encode
-from schemas.merkle import MerkleTree, envelope_leaf
-from schemas.registry import RegisteredModel
-from schemas.signing import Signer
-from schemas.topics import Topics, standard_topics
-from schemas.verify.record import Verified, verify_record
-from settlement.app import SettlementService
-from settlement.chain import ChainSettings, SettlementChain
-from settlement.ledger import open_ledger
-from settlement.settings import SettlementSettings
-from worker.registration import Registrar
+from schemas import encode
+from schemas.settlement import SettlementRecord
+from schemas.signing import envelope_digest, recover_chain_address, verify_digest
+from schemas.topics import Topics
+from schemas.verify.record import RecordRules, Verified, verify_record
+from settlement.ledger import Accepted, Origin, open_ledger
+from tests.harness.admission import AdmissionFile
+from tests.harness.nodes import TestNode
 
-RESULTS = Path(__file__).with_name("results.json")
+__all__ = ["WORKER_KEYING", "main"]
+
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+BACKENDS = ("sqlite", "postgres")
+KEYINGS = ("request_id", "node_id")
+WORKER_KEYING = "request_id"
+"""How ``worker.publish`` keys settlement records (``bench.intake`` reports what it saw)."""
 STORE_BATCH = 500
 TARGET_SQLITE_RPS = 5000
-GAS_SIZES = (100, 1_000, 10_000)
-MAX_CLOCK_SKEW_S = 300.0
+NODE = TestNode.seeded(7)
 
 
-def _kafka(bootstrap: str) -> KafkaSettings:
-    return KafkaSettings(
-        bootstrap_servers=bootstrap, session_timeout_ms=3000, heartbeat_interval_ms=500
-    )
-
-
-SIGNERS = [Signer(bytes([i]) * 32) for i in (1, 2)]
-
-
-async def _register(kafka: KafkaSettings, topics: Topics) -> None:
-    """Register the two node keys as their workers would: settlement requires it."""
-    producer = AIOKafkaProducer(**kafka.producer_kwargs())
-    await producer.start()
-    try:
-        for signer in SIGNERS:
-            registrar = Registrar(
-                producer,
-                topics.registry,
-                signer,
-                x25519_public_key="00" * 32,
-                chain_address="0x" + "00" * 20,
-                models=[
-                    RegisteredModel(
-                        name="demo-mlp", digest="ab" * 32, modes=[VerificationMode.VANILLA]
-                    )
-                ],
-                attestation=None,
-                interval_s=3600,
-            )
-            await registrar.publish()
-    finally:
-        await producer.stop()
-
-
-def _records(n: int) -> list[SettlementRecord]:
-    """n signed records from two node keys, as a worker would produce them."""
-    signers = SIGNERS
-    now_ms = time.time_ns() // 1_000_000
-    records = []
+def _records(n: int) -> list[tuple[bytes, bytes, bytes]]:
+    """n records of ``NODE``: (request-id key, node-id key, encoded record)."""
+    run = uuid.uuid4().hex[:8]
+    out = []
     for i in range(n):
-        signer = signers[i % 2]
-        envelope = ResultEnvelope(
-            request_id=f"bench-{uuid.uuid4().hex}",
-            model_id="demo-mlp",
-            model_digest="ab" * 32,
-            mode=VerificationMode.VANILLA,
-            input_hash=f"{i:064x}",
-            output_hash=f"{i + 1:064x}",
-            usage=Usage(input_tokens=4, output_tokens=1),
-            payer="acct-1",
-            node_id=signer.node_id,
-            signed_unix_ms=now_ms,
-        )
-        records.append(
-            SettlementRecord(envelope=envelope, signature=signer.sign_envelope(envelope))
-        )
-    return records
-
-
-async def _produce(kafka: KafkaSettings, topic: str, raws: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(**kafka.producer_kwargs())
-    await producer.start()
-    try:
-        for key, value in raws:
-            await producer.send(topic, value, key=key)
-        await producer.flush()
-    finally:
-        await producer.stop()
+        record = NODE.record(f"bench-{run}-{i:07d}")
+        rid = record.envelope.request_id.encode()
+        out.append((rid, NODE.node_id.encode(), encode(record)))
+    return out
 
 
 @contextlib.contextmanager
-def _ledger_url(backend: str, work: Path) -> Iterator[str]:
+def _ledger_url(backend: str, run: Path) -> Iterator[str]:
     """A fresh, empty ledger of ``backend``; a PostgreSQL schema is dropped afterwards."""
-    name = "bench_" + uuid.uuid4().hex[:10]
     if backend == "sqlite":
-        yield str(work / f"{name}.sqlite3")
+        yield str(run / "ledger.sqlite3")
         return
+    name = "bench_" + uuid.uuid4().hex[:10]
     try:
         yield f"{POSTGRES_DSN}?schema={name}"
     finally:
@@ -153,71 +102,190 @@ def _ledger_url(backend: str, work: Path) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-async def run_service(
-    kafka: KafkaSettings, topics: Topics, ledger_url: str, n: int, timeout_s: float = 120
-) -> float:
-    """Records/s of the real service path (see the module docstring)."""
-    settings = SettlementSettings(
-        namespace=topics.namespace,
-        kafka=kafka,
-        group_id=f"{topics.namespace}-{uuid.uuid4().hex[:6]}",
-        ledger_url=ledger_url,
-        anchor=False,
-        max_clock_skew_s=MAX_CLOCK_SKEW_S,
+def _query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    if url.startswith("postgresql://"):
+        dsn, schema = url.split("?schema=")
+        with psycopg.connect(dsn) as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            return list(conn.execute(sql).fetchall())
+    with contextlib.closing(sqlite3.connect(f"file:{url}?mode=ro", uri=True, timeout=5)) as db:
+        return db.execute(sql).fetchall()
+
+
+def _count(url: str) -> tuple[int, int]:
+    """(records, rejections) in the ledger (0, 0 before it exists)."""
+    try:
+        ((records,),) = _query(url, "SELECT COUNT(*) FROM records")
+        ((rejected,),) = _query(url, "SELECT COUNT(*) FROM rejections")
+    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+        return 0, 0
+    return int(records), int(rejected)
+
+
+def _rate(url: str) -> tuple[float, int]:
+    """Records/s from the ledger's batch receipt times (see the module docstring)."""
+    batches = sorted(
+        (int(t), int(n))
+        for t, n in _query(
+            url, "SELECT received_unix_ms, COUNT(*) FROM records GROUP BY received_unix_ms"
+        )
     )
-    service = SettlementService(settings)
-    settle = service._settle
-    marks: list[tuple[float, int]] = []  # (completion time, stored so far) per _settle call
+    span_s = (batches[-1][0] - batches[0][0]) / 1000
+    counted = sum(n for _, n in batches[:-1])
+    return (counted / span_s if span_s > 0 else float("nan")), len(batches)
 
-    async def timed_settle(batches: Any) -> None:
-        await settle(batches)
-        marks.append((time.perf_counter(), service.stored))
 
-    service._settle = timed_settle  # type: ignore[method-assign]
-    task: asyncio.Task[None] | None = None
+async def _register(kafka: KafkaSettings, topics: Topics) -> None:
+    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    await producer.start()
     try:
-        await service.setup()
-        task = asyncio.create_task(service.run())
-        deadline = time.monotonic() + timeout_s
-        while service.stored < n:
-            if task.done():
-                task.result()  # raises what the service died of
-                raise RuntimeError("settlement service stopped early")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{service.stored}/{n} records stored after {timeout_s} s")
-            await asyncio.sleep(0.02)
-        assert service.ledger is not None
-        stored = await asyncio.to_thread(service.ledger.count)
-        if stored != n or service.rejected:
-            raise RuntimeError(f"ledger holds {stored}/{n}, {service.rejected} rejected")
+        key, value = NODE.registration_message()
+        await producer.send_and_wait(topics.registry, value, key=key)
     finally:
-        service.stop()
-        if task is not None:
-            await task
-        await service.close()
-    (t0, s0), (t1, s1) = marks[0], marks[-1]
-    return (s1 - s0) / (t1 - t0)
+        await producer.stop()
 
 
-def run_verify(raws: list[bytes]) -> tuple[float, list[SettlementRecord]]:
-    """Records/s of ``verify_record`` alone, and the verified records."""
-    start = time.perf_counter()
-    outcomes = [verify_record(raw, max_clock_skew_s=MAX_CLOCK_SKEW_S) for raw in raws]
-    elapsed = time.perf_counter() - start
-    verified = [o.record for o in outcomes if isinstance(o, Verified)]
-    if len(verified) != len(raws):
-        raise RuntimeError(f"{len(raws) - len(verified)} records rejected")
-    return len(raws) / elapsed, verified
-
-
-def run_store(ledger_url: str, records: list[SettlementRecord], origins: list[str]) -> float:
-    """Records/s of ``ledger.store`` alone, STORE_BATCH records per call, fresh ledger."""
-    ledger = open_ledger(ledger_url)
+async def _produce(kafka: KafkaSettings, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
+    producer = AIOKafkaProducer(**kafka.producer_kwargs())
+    await producer.start()
     try:
-        start = time.perf_counter()
-        for i in range(0, len(records), STORE_BATCH):
-            ledger.store(records[i : i + STORE_BATCH], [], origins[i : i + STORE_BATCH])
-        elapsed = time.perf_counter() - start
+        started = time.perf_counter()
+        acks = [await producer.send(topic, value, key=key) for key, value in messages]
+        await asyncio.gather(*acks)
+        return time.perf_counter() - started
+    finally:
+        await producer.stop()
+
+
+async def _await_group(bootstrap: str, group: str, members: int, timeout_s: float) -> None:
+    """Until ``group`` is Stable with ``members`` members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            described = await admin.describe_consumer_groups([group])
+            _, _, state, _, _, joined = described[0].groups[0]
+            if state == "Stable" and len(joined) == members:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group}: {state}, {len(joined)}/{members} members")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+async def run_service(
+    bootstrap: str,
+    work: Path,
+    backend: str,
+    consumers: int,
+    keying: str,
+    records: list[tuple[bytes, bytes, bytes]],
+    timeout_s: float = 300,
+) -> dict[str, Any]:
+    """One configuration's run (see the module docstring)."""
+    kafka = fast_kafka(bootstrap)
+    topics = await new_namespace(bootstrap, "st")
+    run = work / topics.namespace
+    run.mkdir(parents=True)
+    AdmissionFile(run / "admission.json").admit(NODE.node_id, NODE.chain_address)
+    await _register(kafka, topics)
+    with _ledger_url(backend, run) as url:
+        env = settlement_env(bootstrap, topics, run / "ledger.sqlite3")
+        env["OG_SETTLEMENT_LEDGER_URL"] = url
+        children = [Child("settlement", f"settlement-{i}", env, run) for i in range(consumers)]
+        for child in children:
+            child.start()
+        try:
+            for child in children:
+                if not await child.wait_ready():
+                    raise RuntimeError(f"{child.name} not ready; see {child.log_path}")
+            await _await_group(bootstrap, env["OG_SETTLEMENT_GROUP_ID"], consumers, 60)
+            messages = [(rid if keying == "request_id" else nid, v) for rid, nid, v in records]
+            produce_s = await _produce(kafka, topics.settlement, messages)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                stored, rejected = await asyncio.to_thread(_count, url)
+                if rejected:
+                    raise RuntimeError(f"{rejected} records rejected; see {run}")
+                if stored >= len(records):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{stored}/{len(records)} stored after {timeout_s} s")
+                await asyncio.sleep(0.25)
+            rate, batches = await asyncio.to_thread(_rate, url)
+            partitions = len({p for (p,) in await asyncio.to_thread(_partitions, url)})
+        finally:
+            for child in children:
+                await child.terminate(20)
+    crashed = [e.name for c in children for e in c.crashes]
+    if crashed:
+        raise RuntimeError(f"settlement crashed: {crashed}")
+    return {
+        "records_per_s": rate,
+        "batches": batches,
+        "partitions_used": partitions,
+        "produce_s": produce_s,
+    }
+
+
+def _partitions(url: str) -> list[tuple[Any, ...]]:
+    """The settlement partitions the stored records came from (their origin)."""
+    return [
+        (origin.rsplit("/", 2)[1],)
+        for (origin,) in _query(url, "SELECT DISTINCT origin FROM records")
+    ]
+
+
+# -- verification and storage alone ------------------------------------------------------------
+
+
+def _per_record_us(fn: Any, items: list[Any]) -> float:
+    started = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - started) / len(items) * 1e6
+
+
+def verification(raws: list[bytes]) -> tuple[dict[str, float], list[SettlementRecord]]:
+    """Microseconds per record of each check (single core); and the verified records."""
+    now_ms = time.time_ns() // 1_000_000
+    rules = RecordRules()
+    outcomes = [verify_record(raw, received_unix_ms=now_ms, rules=rules) for raw in raws[:50]]
+    assert all(isinstance(o, Verified) for o in outcomes), outcomes[:1]
+    verified: list[Verified] = []
+
+    def check(raw: bytes) -> None:
+        outcome = verify_record(raw, received_unix_ms=now_ms, rules=rules)
+        assert isinstance(outcome, Verified)
+        verified.append(outcome)
+
+    record_us = _per_record_us(check, raws)
+    digests = [(v.digest, v.record) for v in verified]
+    chain_us = _per_record_us(lambda d: recover_chain_address(d[0], d[1].chain_signature), digests)
+    ed_us = _per_record_us(
+        lambda d: verify_digest(d[1].envelope.node_id, d[0], d[1].signature), digests
+    )
+    digest_us = _per_record_us(lambda d: envelope_digest(d[1].envelope), digests)
+    return {
+        "verify_record_us": record_us,
+        "chain_recover_us": chain_us,
+        "per_record_us": record_us + chain_us,
+        "ed25519_verify_us": ed_us,
+        "envelope_digest_us": digest_us,
+    }, [v.record for v in verified]
+
+
+def store_alone(url: str, records: list[SettlementRecord], topic: str) -> float:
+    """Records/s of ``ledger.store`` alone, ``STORE_BATCH`` records per call."""
+    accepted = [Accepted(r, Origin(topic, 0, i)) for i, r in enumerate(records)]
+    ledger = open_ledger(url)
+    try:
+        started = time.perf_counter()
+        for i in range(0, len(accepted), STORE_BATCH):
+            ledger.store(accepted[i : i + STORE_BATCH])
+        elapsed = time.perf_counter() - started
         if ledger.count() != len(records):
             raise RuntimeError(f"ledger holds {ledger.count()}/{len(records)}")
     finally:
@@ -225,197 +293,150 @@ def run_store(ledger_url: str, records: list[SettlementRecord], origins: list[st
     return len(records) / elapsed
 
 
-async def run_gas(rpc_url: str, records: list[SettlementRecord]) -> dict[str, Any]:
-    """Gas of single-record batches and of batches of GAS_SIZES real leaves."""
-    settings = ChainSettings(rpc_url=rpc_url, relayer_key=SecretStr(dev_private_key(0)))
-    address = await SettlementChain.deploy(settings, DEV_ACCOUNTS[0])
-    chain = await SettlementChain.connect(settings.model_copy(update={"contract_address": address}))
-    try:
+# -- the benchmark --------------------------------------------------------------------------------
 
-        async def settle(leaves: list[bytes], ref: int) -> tuple[int, float]:
-            start = time.perf_counter()
-            tree = MerkleTree(leaves)
-            tree_ms = (time.perf_counter() - start) * 1000
-            anchored = await chain.settle_batch(tree.root, len(tree), ref.to_bytes(32, "big"))
-            return anchored.gas_used, tree_ms
+OTHER_KEYING = KEYINGS[1 - KEYINGS.index(WORKER_KEYING)]
+CONFIGS = [(1, WORKER_KEYING), (2, WORKER_KEYING), (2, OTHER_KEYING)]
+SMOKE_PLAN = [("sqlite", 1, WORKER_KEYING), ("postgres", 2, WORKER_KEYING)]
 
-        # Distinct single leaves (records from the end, the sized batches use the start).
-        first_gas, _ = await settle([envelope_leaf(records[-1].envelope)], 1)
-        single_gas, _ = await settle([envelope_leaf(records[-2].envelope)], 2)
-        batches = []
-        for ref, size in enumerate(GAS_SIZES, start=3):
-            start = time.perf_counter()
-            leaves = [envelope_leaf(r.envelope) for r in records[:size]]
-            leaves_ms = (time.perf_counter() - start) * 1000
-            gas, tree_ms = await settle(leaves, ref)
-            batches.append(
-                {
-                    "size": size,
-                    "gas_used": gas,
-                    "gas_per_record": gas / size,
-                    "vs_per_record_tx": gas / (single_gas * size),
-                    "leaves_ms": leaves_ms,
-                    "tree_ms": tree_ms,
-                }
-            )
-    finally:
-        await chain.close()
-    return {"first_batch_gas": first_gas, "single_record_gas": single_gas, "batches": batches}
+
+def _config_key(consumers: int, keying: str) -> str:
+    return f"{consumers}_consumer{'s' if consumers > 1 else ''}_by_{keying}"
+
+
+def _speedup(medians: dict[str, float], keying: str) -> float | None:
+    one, two = medians.get(_config_key(1, WORKER_KEYING)), medians.get(_config_key(2, keying))
+    return two / one if one and two else None
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="og-bench-settlement-"))
-    n = args.n
-    start = time.perf_counter()
-    records = _records(max(n, *GAS_SIZES, 2))
-    sign_s = time.perf_counter() - start
-    raws = [encode(r) for r in records[:n]]
-    keyed = [(r.envelope.node_id.encode(), raw) for r, raw in zip(records, raws, strict=False)]
-    results: dict[str, Any] = {
-        "records": n,
-        "repeats": args.repeats,
-        "node_keys": 2,
-        "record_bytes": int(statistics.mean(len(raw) for raw in raws)),
-        "sign_rps": len(records) / sign_s,
-    }
-    with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(running_broker(log_dir=work))
-        kafka = _kafka(broker.bootstrap)
-        topics = Topics("s" + uuid.uuid4().hex[:10])
-        await ensure_topics(broker.bootstrap, standard_topics(topics.namespace, []))
-        await _register(kafka, topics)
-        await _produce(kafka, topics.settlement, keyed)
-
-        service: dict[str, list[float]] = {"sqlite": [], "postgres": []}
-        verify: list[float] = []
-        store: dict[str, list[float]] = {"sqlite": [], "postgres": []}
-        verified: list[SettlementRecord] = []
-        origins = [f"{topics.settlement}/0/{i}" for i in range(n)]
-        for _ in range(args.repeats):
-            for backend in ("sqlite", "postgres"):
-                with _ledger_url(backend, work) as url:
-                    service[backend].append(await run_service(kafka, topics, url, n))
-            rate, verified = run_verify(raws)
-            verify.append(rate)
-            for backend in ("sqlite", "postgres"):
-                with _ledger_url(backend, work) as url:
-                    rate = await asyncio.to_thread(run_store, url, verified, origins)
+    started = time.perf_counter()
+    records = _records(args.n)
+    sign_s = time.perf_counter() - started
+    raws = [raw for _, _, raw in records]
+    costs, verified = verification(raws)
+    plan = SMOKE_PLAN if args.smoke else [(b, c, k) for b in BACKENDS for c, k in CONFIGS]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {b: {} for b in BACKENDS}
+    store: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    with running_broker(log_dir=work) as broker:
+        for i in range(args.repeats):
+            for backend, consumers, keying in plan:
+                result = await run_service(
+                    broker.bootstrap, work, backend, consumers, keying, records
+                )
+                runs[backend].setdefault(_config_key(consumers, keying), []).append(result)
+                print(
+                    f"  run {i + 1}/{args.repeats} {backend}, {consumers} consumer(s), "
+                    f"keyed by {keying}: {result['records_per_s']:,.0f} records/s "
+                    f"({result['partitions_used']} partitions used)",
+                    flush=True,
+                )
+            for backend in BACKENDS:
+                run = work / f"store-{backend}-{i}"
+                run.mkdir(parents=True)
+                with _ledger_url(backend, run) as url:
+                    rate = await asyncio.to_thread(store_alone, url, verified, "bench.settlement")
                     store[backend].append(rate)
-        results["service_rps"] = service
-        results["service_rps_median"] = {b: statistics.median(r) for b, r in service.items()}
-        results["verify_rps"] = verify
-        results["verify_rps_median"] = statistics.median(verify)
-        results["store_batch"] = STORE_BATCH
-        results["store_rps"] = store
-        results["store_rps_median"] = {b: statistics.median(r) for b, r in store.items()}
-        results["target_sqlite_rps"] = TARGET_SQLITE_RPS
+    medians = {
+        b: {c: statistics.median(r["records_per_s"] for r in rs) for c, rs in by.items()}
+        for b, by in runs.items()
+    }
+    return {
+        "smoke": args.smoke,
+        "records": args.n,
+        "repeats": args.repeats,
+        "settlement_partitions": 4,
+        "record_bytes": round(statistics.mean(len(r) for r in raws)),
+        "sign_records_per_s": len(records) / sign_s,
+        "worker_keying": WORKER_KEYING,
+        "runs": runs,
+        "records_per_s_median": medians,
+        "two_consumers_speedup": {b: _speedup(medians[b], WORKER_KEYING) for b in BACKENDS},
+        "two_consumers_speedup_other_keying": {
+            b: _speedup(medians[b], OTHER_KEYING) for b in BACKENDS
+        },
+        "verification": costs,
+        "store_batch": STORE_BATCH,
+        "store_records_per_s": store,
+        "target_sqlite_records_per_s": TARGET_SQLITE_RPS,
+    }
 
-        anvil = stack.enter_context(running_anvil(log_dir=work))
-        results["gas"] = await run_gas(anvil.rpc_url, records)
-    return results
 
-
-def _runs(rates: list[float]) -> str:
-    return ", ".join(f"{r:.0f}" for r in rates)
-
-
-def print_tables(results: dict[str, Any]) -> None:
-    service, store = results["service_rps_median"], results["store_rps_median"]
-    sqlite = service["sqlite"]
-    verdict = "met" if sqlite >= results["target_sqlite_rps"] else "NOT met"
+def print_tables(r: dict[str, Any]) -> None:
     print(
-        f"\nSettlement verify + store: {results['records']} records "
-        f"({results['record_bytes']} B each, {results['node_keys']} node keys), "
-        f"{results['repeats']} runs"
+        f"\nSettlement service: {r['records']:,} records of {r['record_bytes']} B from one node, "
+        f"settlement topic of {r['settlement_partitions']} partitions, {r['repeats']} runs "
+        f"(records/s, median (min-max)); the worker keys records by {r['worker_keying']}"
     )
+    rows = []
+    for backend in BACKENDS:
+        by = r["runs"][backend]
+        base = r["records_per_s_median"][backend].get(_config_key(1, r["worker_keying"]))
+        for consumers, keying in CONFIGS:
+            key = _config_key(consumers, keying)
+            if key not in by:
+                continue
+            rates = [x["records_per_s"] for x in by[key]]
+            used = sorted({x["partitions_used"] for x in by[key]})
+            label = "as the worker" if keying == r["worker_keying"] else "not as the worker"
+            rows.append(
+                [
+                    backend,
+                    str(consumers),
+                    f"{keying} ({label})",
+                    spread(rates),
+                    f"{statistics.median(rates) / base:.2f}" if base else "-",
+                    "/".join(map(str, used)),
+                ]
+            )
+        rows.append([backend, "-", f"ledger.store alone, {r['store_batch']}/call", "-", "-", "-"])
+        rows[-1][3] = spread(r["store_records_per_s"][backend])
+    headers = ["ledger", "consumers", "keyed by", "records/s", "vs 1 consumer", "partitions used"]
+    print(table(headers, rows))
+    v = r["verification"]
+    print("\nVerification per record, one core (µs)")
     print(
         table(
-            ["path", "ledger", "records/s (median)", "runs"],
+            ["check", "µs/record"],
             [
-                [
-                    "service (verify + store + commit)",
-                    "SQLite",
-                    f"{sqlite:.0f}",
-                    _runs(results["service_rps"]["sqlite"]),
-                ],
-                [
-                    "service (verify + store + commit)",
-                    "PostgreSQL",
-                    f"{service['postgres']:.0f}",
-                    _runs(results["service_rps"]["postgres"]),
-                ],
-                [
-                    "verify_record alone (1 core)",
-                    "-",
-                    f"{results['verify_rps_median']:.0f}",
-                    _runs(results["verify_rps"]),
-                ],
-                [
-                    f"ledger.store alone ({results['store_batch']}/call)",
-                    "SQLite",
-                    f"{store['sqlite']:.0f}",
-                    _runs(results["store_rps"]["sqlite"]),
-                ],
-                [
-                    f"ledger.store alone ({results['store_batch']}/call)",
-                    "PostgreSQL",
-                    f"{store['postgres']:.0f}",
-                    _runs(results["store_rps"]["postgres"]),
-                ],
-                [
-                    "target: service on SQLite",
-                    "SQLite",
-                    f">= {results['target_sqlite_rps']}",
-                    verdict,
-                ],
+                ["verify_record (decode, bounds, ed25519)", f"{v['verify_record_us']:.1f}"],
+                ["recover_chain_address (EIP-191)", f"{v['chain_recover_us']:.1f}"],
+                ["both: per record", f"{v['per_record_us']:.1f}"],
+                ["  of which ed25519 verify alone", f"{v['ed25519_verify_us']:.1f}"],
+                ["  envelope digest (canonical + sha256)", f"{v['envelope_digest_us']:.1f}"],
             ],
         )
     )
-    gas = results["gas"]
-    single = gas["single_record_gas"]
-    print("\nGas per settled record (anvil, one settleBatch per batch root)")
-    rows = [["1 (one tx per record)", f"{single}", f"{single}", "100%", "-", "-"]]
-    rows += [
-        [
-            f"{b['size']:,}",
-            f"{b['gas_used']}",
-            f"{b['gas_per_record']:.1f}",
-            f"{b['vs_per_record_tx']:.4%}",
-            f"{b['leaves_ms']:.1f}",
-            f"{b['tree_ms']:.1f}",
-        ]
-        for b in gas["batches"]
-    ]
-    print(
-        table(
-            [
-                "batch size",
-                "gas_used",
-                "gas/record",
-                "vs one tx per record",
-                "leaf hashing ms",
-                "tree build ms",
-            ],
-            rows,
-        )
-    )
-    print(
-        f"First batch in a fresh contract: {gas['first_batch_gas']} gas "
-        f"(+{gas['first_batch_gas'] - single} for batchCount 0 -> 1); not used as the baseline."
-    )
+    print(f"= {1e6 / v['per_record_us']:,.0f} records/s per core for verification alone")
+
+
+def summary(r: dict[str, Any]) -> dict[str, Any]:
+    """One consumer per backend; the speedup of two is PostgreSQL's (a ledger several
+    consumers share; SQLite is one file with one writer at a time: its figure is in the
+    section)."""
+    one = _config_key(1, r["worker_keying"])
+    return {
+        "settlement_records_per_s_sqlite": r["records_per_s_median"]["sqlite"].get(one),
+        "settlement_records_per_s_postgres": r["records_per_s_median"]["postgres"].get(one),
+        "settlement_2_consumers_speedup": r["two_consumers_speedup"]["postgres"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=20_000)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_options(parser)
+    parser.add_argument("--n", type=int, default=20_000, help="records per run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.repeats = 1500, 1
     started = time.perf_counter()
     results = asyncio.run(main_async(args))
     results["runtime_s"] = time.perf_counter() - started
-    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    existing["settlement"] = results
-    RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
+    write_section(results_path(args), "settlement", results, summary(results))
     print_tables(results)
     print(f"\nRuntime {results['runtime_s']:.0f} s")
 

@@ -143,7 +143,8 @@ async def send_transaction(
 ) -> TxReceipt:
     """Estimate, sign and send ``tx`` from ``account``; wait for its receipt (status 1).
 
-    Callers serialise calls per account: the nonce is the account's pending count.
+    Callers serialise calls per account: the nonce is the account's pending count, unless
+    ``tx`` names one (a caller that must know it before signing, such as settlement's).
     """
     tx = {**tx, "from": account.address, "chainId": settings.chain_id, "value": Wei(0)}
     estimate = await w3.eth.estimate_gas(tx, "pending")
@@ -153,7 +154,8 @@ async def send_transaction(
     tx["gas"] = int(estimate * settings.gas_limit_multiplier)
     tx["maxPriorityFeePerGas"] = tip
     tx["maxFeePerGas"] = Wei(2 * base_fee + tip)
-    tx["nonce"] = await w3.eth.get_transaction_count(account.address, "pending")
+    if "nonce" not in tx:
+        tx["nonce"] = await w3.eth.get_transaction_count(account.address, "pending")
     signed = account.sign_transaction(tx)  # type: ignore[arg-type]
     tx_hash = "0x" + bytes(signed.hash).hex()
     await w3.eth.send_raw_transaction(signed.raw_transaction)

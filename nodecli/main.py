@@ -87,6 +87,18 @@ def _cmd_settlement(args: argparse.Namespace) -> int:
                 return _fail("no anchored record for that request id (yet)", 1)
             _print_json(proofs[0] if len(proofs) == 1 else proofs)
             return 0
+        if args.action == "receipt":
+            from infra.dev.stack import local_chain
+            from settlement.receipts import receipts_for
+
+            chain = local_chain(settings.chain, args.state_dir)
+            found = [
+                r.model_dump(mode="json") for r in receipts_for(ledger, args.request_id, chain)
+            ]
+            if not found:
+                return _fail("no settled record for that request id", 1)
+            _print_json(found[0] if len(found) == 1 else found)
+            return 0
         rows = ledger.get(args.request_id)
         _print_json(rows)
         return 0 if rows else 1
@@ -327,12 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("settlement", help="run or inspect the settlement service (OG_SETTLEMENT_*)")
     s.add_argument(
-        "action", nargs="?", choices=["run", "status", "show", "proof", "usage"], default="run"
+        "action",
+        nargs="?",
+        choices=["run", "status", "show", "proof", "receipt", "usage"],
+        default="run",
+        help="receipt ID: envelope, signatures, booking, mode, batch and inclusion proof",
     )
     s.add_argument("request_id", nargs="?")
     s.add_argument("--payer", help="usage: only this payer")
     s.add_argument(
-        "--state-dir", type=Path, default=Path("var"), help="local stack state (proof: chain)"
+        "--state-dir",
+        type=Path,
+        default=Path("var"),
+        help="local stack state (proof, receipt: its contract)",
     )
     s.add_argument("--ready-file", type=Path)
     s.set_defaults(func=_cmd_settlement)
@@ -398,11 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admission(sub)
 
-    v = sub.add_parser("verify", help="verify a reply offline, and/or an inclusion proof on chain")
+    v = sub.add_parser(
+        "verify",
+        help="verify a reply offline, and/or its inclusion on chain (from an inclusion proof "
+        "or a published batch)",
+    )
     v.add_argument("reply", type=Path, nargs="?")
     v.add_argument("--request", type=Path, help="the request sent, to check the input hash")
     v.add_argument("--inclusion", type=Path, help="an inclusion proof (settlement proof ID)")
-    v.add_argument("--rpc-url", default="http://127.0.0.1:8545", help="chain RPC for --inclusion")
+    v.add_argument(
+        "--rpc-url",
+        default="http://127.0.0.1:8545",
+        help="chain RPC for --inclusion and --published-batch",
+    )
     from nodecli.verify import add_arguments
 
     add_arguments(v)

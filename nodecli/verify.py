@@ -1,9 +1,11 @@
-"""``inference-node verify``: check a result offline, and/or an inclusion proof on chain.
+"""``inference-node verify``: check a result offline, and/or its inclusion on chain.
 
 Parses the arguments, calls ``schemas.verify.offline.verify_offline`` (and, with
-``--inclusion``, ``settlement.inclusion.check_inclusion``: the only step that is online),
-prints the JSON report and ``verified`` / ``NOT VERIFIED``. Exit 0 only when every check holds,
-1 when one fails or an input is unreadable, 2 for bad usage.
+``--inclusion``, ``settlement.inclusion.check_inclusion``; with ``--published-batch``,
+``settlement.inclusion.check_published_inclusion``, which rebuilds the proof from a published
+batch: the only steps that are online), prints the JSON report and ``verified`` /
+``NOT VERIFIED``. Exit 0 only when every check holds, 1 when one fails or an input is
+unreadable, 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from infra.admission import AdmissionSettings, admission_source
-from infra.dev.stack import local_admission
+from infra.dev.stack import local_admission, local_chain
 from infra.evm import ChainError
+from schemas.batches import PublishedBatch, parse_published_batches
 from schemas.requests import InferenceRequest
 from schemas.results import InferenceResult
 from schemas.verify.admission import Admissions
@@ -69,6 +72,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="check certificates, collateral and evidence age as of this time (default: now)",
     )
+    parser.add_argument(
+        "--published-batch",
+        type=Path,
+        help="prove the reply's inclusion from published batches: a batch file, a dump of "
+        "the <ns>.batches topic (one document per line) or a directory of batch files",
+    )
+    parser.add_argument(
+        "--contract",
+        help="the Settlement contract (--published-batch; default: the local stack's)",
+    )
+    parser.add_argument("--chain-id", type=int, default=31337, help="for --contract")
+
+
+def _published(path: Path) -> tuple[list[PublishedBatch], int]:
+    """The documents in a file, a topic dump or a directory of ``*.json`` files, and how
+    many lines or files were not one."""
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    batches: list[PublishedBatch] = []
+    malformed = 0
+    for file in files:
+        found, bad = parse_published_batches(file.read_bytes())
+        batches += found
+        malformed += bad
+    return batches, malformed
 
 
 def _policy(args: argparse.Namespace) -> AttestationPolicy:
@@ -111,6 +138,14 @@ async def _admissions(args: argparse.Namespace) -> Admissions:
         await source.close()
 
 
+def _contract(args: argparse.Namespace) -> str | None:
+    """The Settlement contract: ``--contract``, else the local stack's (``--state-dir``)."""
+    from settlement.chain import ChainSettings
+
+    given = ChainSettings(contract_address=args.contract)
+    return local_chain(given, getattr(args, "state_dir", Path("var"))).contract_address
+
+
 def _fail(message: str, code: int) -> int:
     sys.stderr.write(f"inference-node: {message}\n")
     return code
@@ -134,12 +169,19 @@ def run_verify(args: argparse.Namespace) -> int:
             else None
         )
         policy = _policy(args) if hasattr(args, "allow_dev") else AttestationPolicy()
+        published_path = getattr(args, "published_batch", None)
+        published = _published(published_path) if published_path is not None else None
     except (OSError, ValueError, TypeError) as e:
         return _fail(f"cannot read input: {type(e).__name__}", 1)
     if result is None and proof is None:
         return _fail("give a reply file, --inclusion FILE, or both", 2)
     if result is None and registration is not None:
         return _fail("--registration needs the reply it vouches for", 2)
+    if result is None and published is not None:
+        return _fail("--published-batch needs the reply whose inclusion it proves", 2)
+    contract = _contract(args) if published is not None else None
+    if published is not None and contract is None:
+        return _fail("--published-batch needs --contract (the Settlement contract)", 2)
     report: dict[str, Any] = {"checks": []}
     if result is not None:
         try:
@@ -160,6 +202,17 @@ def run_verify(args: argparse.Namespace) -> int:
 
         report["checks"] += asyncio.run(check_inclusion(proof, args.rpc_url, result))
         report["request_id"] = report.get("request_id") or proof.get("request_id")
+    if published is not None and result is not None and contract is not None:
+        from settlement.chain import ChainSettings
+        from settlement.inclusion import check_published_inclusion
+
+        batches, malformed = published
+        if malformed:
+            sys.stderr.write(f"inference-node: skipped {malformed} malformed document(s)\n")
+        chain = ChainSettings(
+            rpc_url=args.rpc_url, contract_address=contract, chain_id=args.chain_id
+        )
+        report["checks"] += asyncio.run(check_published_inclusion(batches, result, chain))
     ok = bool(report["checks"]) and all(c["ok"] for c in report["checks"])
     report["verified"] = ok
     sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")

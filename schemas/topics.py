@@ -69,7 +69,8 @@ class Topics:
         return None
 
     def is_internal(self, topic: str) -> bool:
-        """True for topics only the network writes (requests, settlement, DLQ, registry).
+        """True for topics only the network writes (requests, settlement, DLQ, registry,
+        published batches).
 
         A request may name any reply topic except these: otherwise a client could make a
         worker write into the settlement or registry streams."""
@@ -77,6 +78,7 @@ class Topics:
             self.settlement,
             self.dlq,
             self.registry,
+            self.batches,
         }
 
     @property
@@ -94,6 +96,11 @@ class Topics:
     @property
     def registry(self) -> str:
         return f"{self.namespace}.registry"
+
+    @property
+    def batches(self) -> str:
+        """Published batches (``schemas.batches``), compacted; key: the batch index."""
+        return f"{self.namespace}.batches"
 
 
 @dataclass(frozen=True)
@@ -120,8 +127,10 @@ def standard_topics(
 
     ``{ns}.infer.{model}`` (``request_partitions``: as many as the largest worker group may
     have pods), ``{ns}.replies``, ``{ns}.settlement`` (as many as settlement consumers),
-    ``{ns}.dlq`` (1) and ``{ns}.registry`` (1, compacted: only the latest registration or
-    heartbeat per node id matters). The deployment manifests create exactly these
+    ``{ns}.dlq`` (1), ``{ns}.registry`` (1, compacted: only the latest registration or
+    heartbeat per node id matters) and ``{ns}.batches`` (1, compacted and never expired: one
+    published batch per batch index, kept for as long as anyone may need to prove inclusion;
+    compaction only drops a republished copy). The deployment manifests create exactly these
     (``inference-node topics ensure``), so code and deployment cannot disagree.
     """
     names = Topics(namespace)
@@ -133,5 +142,6 @@ def standard_topics(
         TopicSpec(names.settlement, settlement_partitions, rf),
         TopicSpec(names.dlq, 1, rf, dlq),
         TopicSpec(names.registry, 1, rf, {"cleanup.policy": "compact"}),
+        TopicSpec(names.batches, 1, rf, {"cleanup.policy": "compact", "retention.ms": "-1"}),
     ]
     return specs

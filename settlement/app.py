@@ -23,7 +23,7 @@ from pathlib import Path
 
 from infra.health import HealthServer, kafka_reachable
 from infra.kafka.client import ClusterKafka
-from infra.kafka.ports import Consumer, Kafka, Record, TopicPartition
+from infra.kafka.ports import Consumer, Kafka, Producer, Record, TopicPartition
 from infra.lifecycle import Supervisor, clear_ready, install_stop_handlers, mark_ready
 from infra.tracing import trace_fields
 from schemas.base import VerificationMode
@@ -45,6 +45,7 @@ from settlement.proofs import (
     snark_rejection,
     verify_snarks,
 )
+from settlement.publisher import BatchPublisher, BatchSink, DirectorySink, TopicSink
 from settlement.settings import SettlementSettings
 
 __all__ = ["SettlementFatal", "SettlementService", "serve"]
@@ -70,6 +71,8 @@ class SettlementService:
         self.ledger: Ledger | None = None
         self.chain: SettlementChain | None = None
         self.batcher: Batcher | None = None
+        self.publisher: BatchPublisher | None = None
+        self._producer: Producer | None = None
         self._consumer: Consumer | None = None
         self._stopping = asyncio.Event()
         zk = settings.zk
@@ -110,6 +113,12 @@ class SettlementService:
         await self.nodes.start(self.supervisor)
         if s.anchor:
             self.chain = await SettlementChain.connect(s.chain)
+            self._producer = self.kafka.producer()
+            await self._producer.start()
+            sinks: list[BatchSink] = [TopicSink(self._producer, s.topics.batches)]
+            if s.publish_dir is not None:
+                sinks.append(DirectorySink(s.publish_dir))
+            self.publisher = BatchPublisher(self.ledger, sinks)
             self.batcher = Batcher(
                 self.ledger,
                 self.chain,
@@ -117,6 +126,7 @@ class SettlementService:
                     max_records=s.merkle_batch_max_records, max_age_s=s.merkle_batch_max_age_s
                 ),
                 metrics=self.metrics,
+                publisher=self.publisher,
             )
         self._consumer = self.kafka.consumer(s.group_id)
         self._consumer.subscribe([s.topics.settlement])
@@ -322,6 +332,8 @@ class SettlementService:
             await self.health.stop()
         if self.chain is not None:
             await self.chain.close()
+        if self._producer is not None:
+            await self._producer.stop()
         if self.ledger is not None:
             self.ledger.close()
 

@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from eth_account.signers.local import LocalAccount
-from eth_typing import Hash32
+from eth_typing import ChecksumAddress, Hash32
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from pydantic import SecretStr
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.contract import AsyncContract
 from web3.exceptions import ContractLogicError
-from web3.types import TxParams, TxReceipt
+from web3.types import Nonce, TxParams, TxReceipt
 
 from infra.contracts import load_artifact
 from infra.evm import (
@@ -53,6 +53,7 @@ from infra.evm import (
 __all__ = [
     "AnchorChain",
     "Anchored",
+    "BatchRef",
     "ChainError",
     "ChainSettings",
     "DuplicateRoot",
@@ -63,6 +64,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _UINT64_MAX = 2**64 - 1
+
+BatchRef: TypeAlias = bytes | Callable[[int], bytes]
+"""A batch's ``batchRef``: 32 bytes, or a function of the index the contract will give the
+batch, returning them. A published batch names its own index and ``batchRef`` is its hash
+(``schemas.batches``), so the index must be known before the transaction is signed:
+:meth:`SettlementChain.settle_batch` reads it with the nonce it signs with (see there)."""
 
 
 class ChainSettings(EvmSettings):
@@ -88,21 +95,24 @@ class AnchorChain(Protocol):
         """The anchoring of ``root`` if the contract holds it, else None."""
         ...
 
-    async def settle_batch(self, root: bytes, count: int, batch_ref: bytes) -> Anchored:
+    async def settle_batch(self, root: bytes, count: int, batch_ref: BatchRef) -> Anchored:
         """Anchor ``root``; ``DuplicateRoot`` when it is there already, ``ChainError`` for any
-        other refusal."""
+        other refusal. A callable ``batch_ref`` is given the index the batch will get."""
         ...
 
 
 @dataclass(frozen=True)
 class Anchored:
-    """A batch root anchored on chain (hex strings are ``0x``-prefixed)."""
+    """A batch root anchored on chain, as its ``BatchSettled`` event says (hex strings are
+    ``0x``-prefixed)."""
 
     root: str
     tx_hash: str
     block_number: int
     gas_used: int
     batch_index: int
+    count: int
+    batch_ref: str
 
 
 class SettlementChain:
@@ -190,25 +200,45 @@ class SettlementChain:
         finally:
             await w3.provider.disconnect()
 
-    async def settle_batch(self, root: bytes, count: int, batch_ref: bytes) -> Anchored:
+    async def settle_batch(self, root: bytes, count: int, batch_ref: BatchRef) -> Anchored:
         """Anchor ``root`` (a batch of ``count`` leaves, labelled ``batch_ref``) on chain.
 
+        A callable ``batch_ref`` is given the index the contract will assign. It is exact, not
+        a guess: the contract's ``batchCount`` and the relayer's nonce are read at the same
+        block, with no relayer transaction pending, and the transaction is signed with that
+        nonce. Only the relayer changes ``batchCount``, so if this transaction is mined, every
+        relayer transaction before it was mined at that block: it gets that index. (Another
+        transaction with the same nonce would replace it, not precede it.)
+
         Raises :class:`DuplicateRoot` (nothing sent) when the root is already anchored,
-        :class:`ChainError` naming the contract's error for any other revert, and
+        :class:`ChainError` naming the contract's error for any other revert (``RelayerBusy``
+        while an earlier relayer transaction is not yet mined: retry later), and
         :class:`TransactionTimeout` when the transaction was sent but not mined in time.
         """
         _check_bytes32("root", root)
-        _check_bytes32("batch_ref", batch_ref)
+        if not callable(batch_ref):
+            _check_bytes32("batch_ref", batch_ref)
         if not 0 <= count <= _UINT64_MAX:
             raise ValueError(f"count must fit in uint64, got {count}")
         if self._relayer is None:
             raise ChainError("this client is read-only: no relayer_key configured")
-        data = self._contract.encode_abi("settleBatch", args=[root, count, batch_ref])
-        tx: TxParams = {"to": self._contract.address, "data": data}
         async with self._nonce_lock, translated("settleBatch"):
+            index, nonce = await self._next_slot(self._relayer.address)
+            ref = batch_ref(index) if callable(batch_ref) else batch_ref
+            _check_bytes32("batch_ref", ref)
+            data = self._contract.encode_abi("settleBatch", args=[root, count, ref])
+            tx: TxParams = {"to": self._contract.address, "data": data}
             await self._simulate(tx, root)
+            tx["nonce"] = Nonce(nonce)
             receipt = await send_transaction(self._w3, self._relayer, self._settings, tx)
         anchored = self._anchored_from(receipt, root)
+        if anchored.batch_index != index:
+            # Cannot happen with the reads above; if it ever does, the published file names
+            # another index than the chain: say so loudly rather than publish it silently.
+            raise ChainError(
+                f"root 0x{root.hex()} got batch index {anchored.batch_index}, not {index}",
+                reason="BatchIndexMismatch",
+            )
         log.info(
             "anchored root %s as batch %d in block %d (gas %d, tx %s)",
             anchored.root,
@@ -269,6 +299,19 @@ class SettlementChain:
         """Close the HTTP session (web3 v8 caches an aiohttp session per provider)."""
         await self._w3.provider.disconnect()
 
+    async def _next_slot(self, relayer: ChecksumAddress) -> tuple[int, int]:
+        """(the index the next batch gets, the nonce to send it with), read at one block."""
+        block = await self._w3.eth.block_number
+        index = await self._contract.functions.batchCount().call(block_identifier=block)
+        nonce = await self._w3.eth.get_transaction_count(relayer, block)
+        pending = await self._w3.eth.get_transaction_count(relayer, "pending")
+        if pending != nonce:
+            raise ChainError(
+                f"the relayer has {pending - nonce} transaction(s) not yet mined",
+                reason="RelayerBusy",
+            )
+        return int(index), int(nonce)
+
     async def _simulate(self, tx: TxParams, root: bytes) -> None:
         assert self._relayer is not None
         try:
@@ -293,12 +336,15 @@ class SettlementChain:
                 and bytes(topics[0]) == self._settled_topic
                 and bytes(topics[1]) == root
             ):
+                data = bytes(entry["data"])  # abi.encode(uint64 count, bytes32 batchRef)
                 return Anchored(
                     root="0x" + root.hex(),
                     tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
                     block_number=receipt["blockNumber"],
                     gas_used=receipt["gasUsed"],
                     batch_index=int.from_bytes(topics[2], "big"),
+                    count=int.from_bytes(data[0:32], "big"),
+                    batch_ref="0x" + data[32:64].hex(),
                 )
         raise ChainError("the settleBatch receipt carries no BatchSettled event for the root")
 

@@ -7,7 +7,8 @@ neither loses a record nor anchors one twice.
 
 Points: ``before_ledger_write``, ``after_ledger_write`` (before the offset commit),
 ``after_batch_built`` (batch stored, no transaction yet), ``after_tx_sent`` (transaction
-mined, not yet recorded in the ledger).
+mined, not yet recorded in the ledger), ``after_batch_anchored`` (anchoring recorded, the
+batch not yet published).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import signal
 __all__ = ["POINTS", "failpoint"]
 
 POINTS = frozenset(
-    {"before_ledger_write", "after_ledger_write", "after_batch_built", "after_tx_sent"}
+    {
+        "before_ledger_write",
+        "after_ledger_write",
+        "after_batch_built",
+        "after_tx_sent",
+        "after_batch_anchored",
+    }
 )
 _ARMED = os.environ.get("OG_FAILPOINT", "")
 if _ARMED and _ARMED not in POINTS:

@@ -1,7 +1,13 @@
 """Inclusion proofs from the ledger (``inference-node settlement proof ID``) and their one
 online check: is the root anchored, and does the contract accept the path
 (``inference-node verify --inclusion FILE``). The format and the offline checks are the
-protocol's (``schemas.inclusion``)."""
+protocol's (``schemas.inclusion``).
+
+Without the ledger, from a published batch (``inference-node verify REPLY --published-batch
+FILE``): ``check_published_inclusion`` rebuilds the tree and the proof from the document
+(``schemas.batches``, pure), then asks the contract whether that document is the one it
+committed to (its SHA-256 is the ``batchRef`` of the root's ``BatchSettled`` event) and
+whether the proof holds (``verifyRecord``)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from schemas.batches import (
+    PublishedBatch,
+    batch_ref,
+    check_published_batch,
+    find_batch,
+    inclusion_from_batch,
+)
 from schemas.inclusion import (
     AnchoringTx,
     ChainRef,
@@ -22,7 +35,7 @@ from schemas.verify.result import Check
 from settlement.chain import ChainError, ChainSettings, SettlementChain
 from settlement.ledger.base import Ledger
 
-__all__ = ["build_proofs", "check_inclusion"]
+__all__ = ["build_proofs", "check_inclusion", "check_published_inclusion"]
 
 
 def _hex(value: bytes) -> str:
@@ -77,24 +90,71 @@ async def check_inclusion(
         contract_address=proof.chain.contract_address,
         chain_id=proof.chain.chain_id,
     )
+    checks += await _on_chain(proof, settings)
+    return [_row(c) for c in checks]
+
+
+async def check_published_inclusion(
+    batches: list[PublishedBatch], result: InferenceResult, chain: ChainSettings
+) -> list[dict[str, Any]]:
+    """Every check that ``result`` is settled in one of ``batches`` (a published file or a
+    topic dump), the contract's included: the batch holding its leaf rebuilt (count, leaf
+    order, root), the proof derived from it, and on chain the root's ``batchRef`` equal to the
+    document's SHA-256, its index and count, and ``verifyRecord``. ``chain`` names the
+    contract: the verifier's own trusted setting, never taken from the file."""
+    batch = find_batch(batches, result.envelope)
+    if batch is None:
+        return [_row(Check("in_published_batch", False, "no given batch holds the result's leaf"))]
+    checks = [Check("in_published_batch", True, f"batch index {batch.batch_index}")]
+    checks += check_published_batch(batch)
+    ref = ChainRef(chain_id=chain.chain_id, contract_address=chain.contract_address)
+    proof = inclusion_from_batch(batch, result.envelope, ref)
+    assert proof is not None  # find_batch found the leaf
+    checks += check_inclusion_offline(proof, result)
+    checks += await _on_chain(proof, chain, batch)
+    return [_row(c) for c in checks]
+
+
+async def _on_chain(
+    proof: InclusionProof, settings: ChainSettings, published: PublishedBatch | None = None
+) -> list[Check]:
+    """The contract's checks of ``proof`` (and, given the published batch it came from, of
+    that batch's anchoring)."""
     root = bytes.fromhex(proof.root[2:])
     values = [bytes.fromhex(v[2:]) for v in proof.leaf.values]
     path = [bytes.fromhex(p[2:]) for p in proof.proof]
+    checks = []
     try:
         chain = await SettlementChain.connect(settings)
         try:
             settled = await chain.is_settled(root)
+            anchored = await chain.find_anchor(root) if published is not None else None
             included = await chain.verify_record(root, values, path)
         finally:
             await chain.close()
     except ChainError as e:
-        checks.append(Check("chain", False, f"cannot query the contract ({e.reason or 'error'})"))
-        return [_row(c) for c in checks]
+        return [Check("chain", False, f"cannot query the contract ({e.reason or 'error'})")]
     checks.append(Check("root_settled", settled, "Settlement.isSettled(root)"))
+    if published is not None:
+        ref = "0x" + batch_ref(published).hex()
+        checks += [
+            Check(
+                "batch_ref",
+                anchored is not None and anchored.batch_ref == ref,
+                "sha256 of the published batch = batchRef of BatchSettled(root)",
+            ),
+            Check(
+                "batch_index",
+                anchored is not None
+                and (anchored.batch_index, anchored.count)
+                == (published.batch_index, published.count),
+                "batch index and count = BatchSettled(root)'s",
+            ),
+        ]
     checks.append(
         Check("on_chain_inclusion", included, "Settlement.verifyRecord(root, leaf fields, proof)")
     )
-    return [_row(c) for c in checks]
+    return checks
 
 
 def _row(check: Check) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 
-from settlement.chain import AnchorChain, Anchored, ChainError, DuplicateRoot
+from settlement.chain import AnchorChain, Anchored, BatchRef, ChainError, DuplicateRoot
 
 __all__ = ["MemoryChain"]
 
@@ -38,8 +38,10 @@ class MemoryChain(AnchorChain):
     async def find_anchor(self, root: bytes) -> Anchored | None:
         return self.batches.get(root)
 
-    async def settle_batch(self, root: bytes, count: int, batch_ref: bytes) -> Anchored:
-        if len(root) != 32 or len(batch_ref) != 32:
+    async def settle_batch(self, root: bytes, count: int, batch_ref: BatchRef) -> Anchored:
+        index = len(self.batches)
+        ref = batch_ref(index) if callable(batch_ref) else batch_ref
+        if len(root) != 32 or len(ref) != 32:
             raise ValueError("root and batch_ref must be 32 bytes")
         if self._fail > 0:
             self._fail -= 1
@@ -48,14 +50,15 @@ class MemoryChain(AnchorChain):
             raise ChainError("settleBatch would revert: EmptyBatch", reason="EmptyBatch")
         if root in self.batches:
             raise DuplicateRoot(root)
-        index = len(self.batches)
-        tx = hashlib.sha256(b"memory-chain" + root + batch_ref).digest()
+        tx = hashlib.sha256(b"memory-chain" + root + ref).digest()
         anchored = Anchored(
             root="0x" + root.hex(),
             tx_hash="0x" + tx.hex(),
             block_number=index + 1,
             gas_used=_BASE_GAS,
             batch_index=index,
+            count=count,
+            batch_ref="0x" + ref.hex(),
         )
         self.batches[root] = anchored
         self.sends += 1

@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.admission import AdmissionSettings
 from infra.kafka import KafkaSettings
+from schemas.batches import MAX_PUBLISHED_LEAVES
 from schemas.topics import DEFAULT_NAMESPACE, Topics
 from schemas.verify.record import RecordRules
 from settlement.chain import ChainSettings
@@ -53,8 +54,19 @@ class SettlementSettings(BaseSettings):
     anchor: bool = Field(
         default=False, description="batch records into Merkle roots and anchor them on chain"
     )
-    merkle_batch_max_records: int = Field(default=1000, ge=1, le=100_000)
+    merkle_batch_max_records: int = Field(
+        default=1000,
+        ge=1,
+        le=MAX_PUBLISHED_LEAVES,
+        description="a batch's published leaves fit one message",
+    )
     merkle_batch_max_age_s: float = Field(default=5.0, gt=0)
+    publish_dir: Path | None = Field(
+        default=None,
+        description="also write each anchored batch's published leaves here "
+        "(batch-<index>.json, the file whose sha256 is its batchRef); they always go to "
+        "<namespace>.batches",
+    )
     zk: ProofSettings = Field(default_factory=ProofSettings)
     max_clock_skew_s: float = Field(
         default=300.0, gt=0, description="records signed further in the future are rejected"

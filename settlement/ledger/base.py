@@ -67,6 +67,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "leaf_hash",
     "settlement_mode",
     "booking",
+    "chain_signature",
 )
 """Columns written by ``store``, in the order of ``record_row``; both backends share them."""
 
@@ -81,6 +82,8 @@ BATCH_COLUMNS: tuple[str, ...] = (
     "gas_used",
     "batch_index",
     "anchored_unix_ms",
+    "batch_ref",
+    "published_unix_ms",
 )
 
 
@@ -192,7 +195,10 @@ class StoredRecord:
 @dataclass(frozen=True)
 class BatchRow:
     """One Merkle batch. ``built``: tree stored, root not yet on chain. ``anchored``: the root is
-    on chain in ``tx_hash`` (block, gas and the contract's batch index recorded)."""
+    on chain in ``tx_hash`` (block, gas, the contract's batch index and the ``batchRef`` it
+    records). ``published_unix_ms``: when its published batch (``schemas.batches``) was last
+    delivered everywhere it goes; None while it is due. Batches anchored before ledger v6 have
+    no ``batch_ref`` (it was the batch id) and are never published."""
 
     id: int
     root: str
@@ -204,6 +210,8 @@ class BatchRow:
     gas_used: int | None = None
     batch_index: int | None = None
     anchored_unix_ms: int | None = None
+    batch_ref: str | None = None
+    published_unix_ms: int | None = None
 
 
 class Ledger(Protocol):
@@ -262,7 +270,8 @@ class Ledger(Protocol):
 
     def create_batch(self, root_hex: str, members: Sequence[BatchMember]) -> int:
         """Insert a ``built`` batch and assign exactly ``members`` to it, atomically; raise
-        ``BatchConflictError`` (writing nothing) when one is missing or already batched."""
+        ``BatchConflictError`` (writing nothing) when one is missing, already batched or
+        ``private`` (a private record is never batched, whoever asks)."""
         ...
 
     def open_batches(self) -> list[BatchRow]:
@@ -270,16 +279,37 @@ class Ledger(Protocol):
         ...
 
     def mark_anchored(
-        self, batch_id: int, tx_hash: str, block_number: int, gas_used: int, batch_index: int
+        self,
+        batch_id: int,
+        tx_hash: str,
+        block_number: int,
+        gas_used: int,
+        batch_index: int,
+        batch_ref: str | None = None,
     ) -> None:
-        """Record the chain transaction holding the batch's root. Repeating it with the same
-        ``tx_hash`` is a no-op; another ``tx_hash`` for an anchored batch raises."""
+        """Record the chain transaction holding the batch's root (and the ``batchRef`` its
+        event carries). Repeating it with the same ``tx_hash`` is a no-op; another
+        ``tx_hash`` for an anchored batch raises."""
         ...
 
     def batch(self, batch_id: int) -> BatchRow: ...
 
     def batch_leaves(self, batch_id: int) -> list[str]:
         """The batch's leaf hashes (hex) by leaf index: enough to rebuild its tree."""
+        ...
+
+    def batch_envelopes(self, batch_id: int) -> list[tuple[str, ResultEnvelope]]:
+        """(leaf hash, stored envelope) of each member by leaf index: the envelopes give the
+        leaf values a published batch shows."""
+        ...
+
+    def unpublished_batches(self, limit: int = 100) -> list[BatchRow]:
+        """Anchored batches (with a ``batch_ref``) whose publication is still due, oldest
+        first: a restart republishes them."""
+        ...
+
+    def mark_published(self, batch_id: int) -> None:
+        """Record that the batch's published batch was delivered (idempotent)."""
         ...
 
     def record_batch(
@@ -315,6 +345,7 @@ def record_row(item: Accepted, now_ms: int) -> tuple[Any, ...]:
         leaf,
         e.settlement.value,
         1,
+        record.chain_signature,
     )
 
 

@@ -116,6 +116,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX records_one_booking ON records (request_id, COALESCE(payer, ''))
         WHERE booking = 1;
     """,
+    # v6: published batches and receipts. ``batch_ref`` is the batchRef the anchoring event
+    # carries (sha256 of the published batch; NULL for batches anchored before v6, whose
+    # batchRef was the batch id: they are never published); ``published_unix_ms`` is NULL
+    # while publication is due; ``chain_signature`` keeps a record's second signature.
+    """
+    ALTER TABLE records ADD COLUMN chain_signature TEXT;
+    ALTER TABLE batches ADD COLUMN batch_ref TEXT;
+    ALTER TABLE batches ADD COLUMN published_unix_ms BIGINT;
+    CREATE INDEX batches_unpublished ON batches (id)
+        WHERE published_unix_ms IS NULL AND batch_ref IS NOT NULL;
+    """,
 )
 """Numbered from 1; table ``schema_migrations`` lists those applied. Append, never edit."""
 

@@ -303,6 +303,7 @@ class SqlLedger:
                     self._sql(
                         "UPDATE records SET batch_id = ?, leaf_index = ?, leaf_hash = ?"
                         " WHERE request_id = ? AND node_id = ? AND batch_id IS NULL"
+                        " AND settlement_mode <> 'private'"
                     ),
                     [
                         (batch_id, m.leaf_index, m.leaf_hash, m.request_id, m.node_id)
@@ -311,8 +312,8 @@ class SqlLedger:
                 )
                 if cur.rowcount != len(members):
                     raise BatchConflictError(
-                        f"{len(members) - cur.rowcount} of {len(members)} members are missing"
-                        " or already in a batch"
+                        f"{len(members) - cur.rowcount} of {len(members)} members are missing,"
+                        " already in a batch or private"
                     )
         except self._INTEGRITY_ERRORS as e:
             raise BatchConflictError(f"batch {root_hex} conflicts with a stored one: {e}") from e
@@ -335,16 +336,22 @@ class SqlLedger:
         return batch_row(rows[0])
 
     def mark_anchored(
-        self, batch_id: int, tx_hash: str, block_number: int, gas_used: int, batch_index: int
+        self,
+        batch_id: int,
+        tx_hash: str,
+        block_number: int,
+        gas_used: int,
+        batch_index: int,
+        batch_ref: str | None = None,
     ) -> None:
         with self._lock, self._transaction() as cur:
             cur.execute(
                 self._sql(
                     "UPDATE batches SET status = 'anchored', tx_hash = ?, block_number = ?,"
-                    " gas_used = ?, batch_index = ?, anchored_unix_ms = ?"
+                    " gas_used = ?, batch_index = ?, anchored_unix_ms = ?, batch_ref = ?"
                     " WHERE id = ? AND status = 'built'"
                 ),
-                (tx_hash, block_number, gas_used, batch_index, now_ms(), batch_id),
+                (tx_hash, block_number, gas_used, batch_index, now_ms(), batch_ref, batch_id),
             )
             if cur.rowcount == 1:
                 return
@@ -360,6 +367,31 @@ class SqlLedger:
             "SELECT leaf_hash FROM records WHERE batch_id = ? ORDER BY leaf_index", (batch_id,)
         )
         return [leaf for (leaf,) in rows]
+
+    def batch_envelopes(self, batch_id: int) -> list[tuple[str, ResultEnvelope]]:
+        rows = self._query(
+            "SELECT leaf_hash, envelope_json FROM records WHERE batch_id = ? ORDER BY leaf_index",
+            (batch_id,),
+        )
+        return [(leaf, _parse_envelope(envelope)) for leaf, envelope in rows]
+
+    def unpublished_batches(self, limit: int = 100) -> list[BatchRow]:
+        rows = self._query(
+            f"SELECT {_BATCH_SELECT} FROM batches b"  # noqa: S608
+            " WHERE b.published_unix_ms IS NULL AND b.batch_ref IS NOT NULL"
+            " AND b.status = 'anchored' ORDER BY b.id LIMIT ?",
+            (limit,),
+        )
+        return [batch_row(row) for row in rows]
+
+    def mark_published(self, batch_id: int) -> None:
+        with self._lock, self._transaction() as cur:
+            cur.execute(
+                self._sql("UPDATE batches SET published_unix_ms = ? WHERE id = ?"),
+                (now_ms(), batch_id),
+            )
+            if cur.rowcount != 1:
+                raise BatchNotFoundError(batch_id)
 
     def record_batch(
         self, request_id: str

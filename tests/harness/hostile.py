@@ -428,9 +428,21 @@ def hostile_batches(ctx: FuzzContext, max_size: int = 12) -> st.SearchStrategy[l
     return st.lists(hostile_records(ctx), min_size=1, max_size=max_size)
 
 
+_SAMPLE_CHUNK = 25
+"""Records per drawn list: a long list overruns hypothesis' data buffer and comes out as the
+simplest records (every one unreadable)."""
+
+
 def sample(ctx: FuzzContext, n: int, seed: int) -> list[HostileRecord]:
     """``n`` records drawn with a fixed seed (the same kinds and shapes for the same seed and
     hypothesis version; ids, clock and sealing randomness come from ``ctx`` and the run)."""
+    out: list[HostileRecord] = []
+    for chunk in range(0, n, _SAMPLE_CHUNK):
+        out += _sample_list(ctx, min(_SAMPLE_CHUNK, n - chunk), seed + chunk)
+    return out
+
+
+def _sample_list(ctx: FuzzContext, n: int, seed: int) -> list[HostileRecord]:
     drawn: list[list[HostileRecord]] = []
 
     # Hypothesis' first example is the simplest one (every record unreadable) and later ones

@@ -41,8 +41,9 @@ from tests.harness.hostile import CANARY, HostileRecord
 __all__ = ["Owed", "Sent", "Verdict", "check", "owed", "reply_topics"]
 
 TERMINAL = {"result", "sealed_result", "error", "sealed_reply"}
-"""Reply types that end a request: a ``sealed_reply`` is a sealed error (sealed requests are
-never streamed, so no sealed chunk precedes it)."""
+"""Reply types that end a request. A ``sealed_reply`` is a sealed error or a sealed stream chunk;
+only the client's key tells which. The fuzzer seals ML requests only, which never stream, so
+each ``sealed_reply`` it sees is an error."""
 RESULTS = {"result", "sealed_result"}
 DELIVERY_DEAD_LETTERS = ("the reply topic does not exist", "the error reply is larger")
 """Dead-letter reasons a record with a readable request id may get (``worker.intake``)."""

@@ -7,7 +7,7 @@ key for sealed requests) until every offset is committed, then sends one valid r
 waits for its result (the node still serves), stops the intake as the worker does and reads
 back every topic. The verdict is ``tests.harness.hostile_check.check``'s, plus what only the
 process can tell: the intake never went fatal, no task died with an unretrieved exception, and
-``run()`` returned within its drain bound.
+``run()`` returned within its shutdown bound (``worker.intake``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class HostileRun:
     """Partitions whose committed offset fell short of the end: (committed, end)."""
     stop_s: float
     """How long ``run()`` took to return after ``stop()``."""
+    stop_bound_s: float
+    """The most it may take (``worker.intake``: drain, cancelled tasks' grace, final commit)."""
     logs: list[str] = field(default_factory=list)
     replies: list[Record] = field(default_factory=list)
     """Every message on the reply topics for the batch (the request sent after it left out)."""
@@ -104,6 +106,8 @@ class HostileRun:
             out.append(f"offsets not committed to the end: {self.commits_behind}")
         if not self.still_serving:
             out.append("a valid request sent after the batch got no result")
+        if self.stop_s > self.stop_bound_s:
+            out.append(f"run() took {self.stop_s:.1f} s to return, over {self.stop_bound_s} s")
         return out
 
 
@@ -212,11 +216,15 @@ async def _behind(
 ) -> dict[str, tuple[int | None, int]]:
     """Partitions whose committed offset is short of the end: "topic/p" -> (committed, end)."""
     behind = {}
-    for topic in {topic for topic, _ in ends}:
-        committed = await env.committed(group, topic)
-        for (t, partition), end in ends.items():
-            if t == topic and (committed.get(partition) or 0) < end:
-                behind[f"{t}/{partition}"] = (committed.get(partition), end)
+    consumer = env.kafka.consumer(group)
+    await consumer.start()
+    try:
+        for (topic, partition), end in ends.items():
+            committed = await consumer.committed(TopicPartition(topic, partition))
+            if (committed or 0) < end:
+                behind[f"{topic}/{partition}"] = (committed, end)
+    finally:
+        await stop_quietly(consumer)
     return behind
 
 
@@ -231,17 +239,15 @@ async def run_hostile(
     engines: Mapping[str, Engine],
     *,
     config: IntakeConfig | None = None,
-    create_topics: bool = True,
     prepare: Callable[[], object] | None = None,
 ) -> HostileRun:
-    """See the module docstring. ``engines`` serve ``demo-mlp`` and ``demo-lm``; the request
-    topics have two partitions. ``create_topics`` False: the namespace exists already.
-    ``prepare`` runs once the records are on their topics, before the intake starts."""
+    """See the module docstring. ``engines`` serve ``demo-mlp`` and ``demo-lm`` in the new
+    namespace ``ctx.topics`` (request topics of two partitions). ``prepare`` runs once the
+    records are on their topics, before the intake starts."""
     topics = ctx.topics
-    if create_topics:
-        await env.create_topics(
-            standard_topics(topics.namespace, [ML_MODEL, CHAT_MODEL], request_partitions=2)
-        )
+    await env.create_topics(
+        standard_topics(topics.namespace, [ML_MODEL, CHAT_MODEL], request_partitions=2)
+    )
     config = config or IntakeConfig(
         commit_interval_s=env.commit_interval_s,
         drain_timeout_s=5.0,
@@ -293,7 +299,7 @@ async def run_hostile(
                     return any(
                         good.request_id.encode() in (r.value or b"")
                         and b'"type":"result"' in (r.value or b"")
-                        for r in await env.read(topics.replies)
+                        for r in await read_back(env, topics.replies)
                     )
 
                 with contextlib.suppress(AssertionError):
@@ -305,7 +311,7 @@ async def run_hostile(
             async with asyncio.timeout(config.drain_timeout_s + 10):
                 await task
             stop_s = time.monotonic() - started
-            await consumer.stop()
+            await stop_quietly(consumer)
             await producer.stop()
         replies = [r for name in reply_topics(topics, sent) for r in await read_back(env, name)]
         dlq = await read_back(env, topics.dlq)
@@ -321,6 +327,7 @@ async def run_hostile(
         still_serving,
         behind,
         stop_s,
+        config.drain_timeout_s + max(1.0, config.drain_timeout_s / 4) + config.commit_timeout_s,
         list(logs),
         replies,
         dlq,

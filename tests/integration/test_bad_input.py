@@ -99,7 +99,7 @@ async def test_bad_messages_get_error_replies_or_dlq_and_serving_continues(
         assert reply.node_id == running_worker.signer.node_id
     assert "model" in errors["bad-1"].message  # names the invalid field
     assert errors["bad-3"].message == "missing input tensor(s): x"
-    assert errors["bad-5"].message == "reply_to names an internal topic"
+    assert errors["bad-5"].message == "the reply topic is an internal topic"
     # Only the one good request reached the settlement stream.
     settled = await read_topic(broker.bootstrap, topics.settlement, idle_s=0.3)
     assert [json.loads(m.value)["envelope"]["request_id"] for m in settled] == [good.request_id]

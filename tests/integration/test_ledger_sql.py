@@ -187,11 +187,11 @@ def test_usage_per_payer_and_model(ledger: Ledger) -> None:
 
 def test_reopening_reruns_no_migration(opener: Opener) -> None:
     first = opener()
-    assert _schema_version(first) == 5
+    assert _schema_version(first) == 6
     first.store(_accepted(_record()), [_rejection(1)])
     first.close()
     second = opener()
-    assert _schema_version(second) == 5
+    assert _schema_version(second) == 6
     assert second.count() == 1
     assert second.rejection_counts() == {"bad_signature": 1}
     assert second.store(_accepted(_record())).inserted == 0
@@ -228,7 +228,7 @@ def test_v1_ledger_is_upgraded_in_place(backend: str, location: str, opener: Ope
                 values,
             )
     ledger = opener()
-    assert _schema_version(ledger) == 5
+    assert _schema_version(ledger) == 6
     assert [r.request_id for r in ledger.unbatched(10)] == ["req-old"]
 
 

@@ -25,13 +25,14 @@ from pydantic import SecretStr
 from infra.dev.anvil import DEV_ACCOUNTS, AnvilProcess, dev_private_key, running_anvil
 from infra.dev.broker import BrokerProcess
 from infra.kafka.admin import ensure_topics
-from schemas import ResultEnvelope, SettlementRecord, Usage, VerificationMode, encode
+from schemas import SettlementRecord, Usage, encode
 from schemas.merkle import MerkleTree, envelope_leaf
-from schemas.signing import Signer
 from schemas.topics import standard_topics
 from settlement.chain import ChainSettings, SettlementChain
 from settlement.ledger import open_ledger
 from settlement.ledger.base import Ledger
+from tests.harness.admission import AdmissionFile
+from tests.harness.nodes import TestNode
 from tests.harness.support import fast_kafka, register_node
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chain]
@@ -63,30 +64,19 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-SIGNERS = [Signer(bytes([i]) * 32) for i in (1, 2)]
+SIGNERS = [TestNode.seeded(i) for i in (1, 2)]
 
 
 def _records(n: int) -> list[SettlementRecord]:
-    signers = SIGNERS
-    records = []
-    for i in range(n):
-        signer = signers[i % 2]
-        envelope = ResultEnvelope(
-            request_id=f"crash-{i}",
-            model_id="demo-mlp",
-            model_digest="ab" * 32,
-            mode=VerificationMode.VANILLA,
+    return [
+        SIGNERS[i % 2].record(
+            f"crash-{i}",
             input_hash=f"{i:064x}",
             output_hash=f"{i + 1:064x}",
-            usage=Usage(input_tokens=i, output_tokens=1),
-            payer="acct-1",
-            node_id=signer.node_id,
-            signed_unix_ms=time.time_ns() // 1_000_000,
+            usage=Usage(input_tokens=i, output_tokens=0),
         )
-        records.append(
-            SettlementRecord(envelope=envelope, signature=signer.sign_envelope(envelope))
-        )
-    return records
+        for i in range(n)
+    ]
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -101,12 +91,15 @@ def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 async def settlement_env(
-    broker: BrokerProcess, anvil: AnvilProcess, contract: str, ledger_url: str
+    broker: BrokerProcess, anvil: AnvilProcess, contract: str, ledger_url: str, tmp_path: Path
 ) -> AsyncIterator[dict[str, str]]:
     namespace = "c" + uuid.uuid4().hex[:10]
     await ensure_topics(broker.bootstrap, standard_topics(namespace, ["demo-mlp"]))
+    admission = AdmissionFile(tmp_path / "admission.json")
+    admission.admit_all((n.node_id, n.chain_address) for n in SIGNERS)
     yield {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OG_", "OG_FAILPOINT"))},
+        **admission.env("OG_SETTLEMENT_"),
         "OG_SETTLEMENT_NAMESPACE": namespace,
         "OG_SETTLEMENT_GROUP_ID": f"{namespace}-settlement",
         "OG_SETTLEMENT_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
@@ -154,7 +147,7 @@ async def test_sigkill_at_each_point_then_restart_loses_nothing_and_anchors_once
     try:
         topic = f"{namespace}.settlement"
         for record in records:
-            await producer.send(topic, encode(record), key=record.envelope.node_id.encode())
+            await producer.send(topic, encode(record), key=record.envelope.request_id.encode())
         await producer.flush()
     finally:
         await producer.stop()

@@ -27,7 +27,7 @@ from infra.kafka.client import ClusterKafka
 from schemas import InferenceResult, MLInput, Tensor, Topics, VerificationMode, encode
 from schemas.proofs import PROOF_DOMAIN, ProofClaims, ProofRecord
 from schemas.requests import input_hash
-from schemas.results import MLOutput, ResultEnvelope, Usage, output_hash
+from schemas.results import MLOutput, Usage, output_hash
 from schemas.settlement import SettlementRecord
 from settlement.app import SettlementService
 from settlement.ledger import Accepted, Ledger, Origin, PostgresLedger, ProofEntry, SqliteLedger
@@ -244,15 +244,13 @@ async def test_zkml_result_first_then_a_verified_proof_and_forgeries_rejected(
 def _result(request_id: str, x: float) -> tuple[SettlementRecord, ProofRecord]:
     payload = _ml([x, 0.0, 0.0, 0.0])
     output = MLOutput(tensors={"y": Tensor(dtype="float32", shape=[1], data=[x])})
-    envelope = ResultEnvelope(
-        request_id=request_id,
-        model_id="demo-mlp",
+    envelope = NODE.envelope(
+        request_id,
         model_digest="a" * 64,
         mode=VerificationMode.ZKML,
         input_hash=input_hash(payload),
         output_hash=output_hash(output),
         usage=Usage(),
-        node_id=SIGNER.node_id,
         signed_unix_ms=1_700_000_000_000,
     )
     claims = ProofClaims(
@@ -276,7 +274,7 @@ def _result(request_id: str, x: float) -> tuple[SettlementRecord, ProofRecord]:
         signed_unix_ms=1_700_000_000_000,
     )
     return (
-        SettlementRecord(envelope=envelope, signature=SIGNER.sign_envelope(envelope)),
+        NODE.sign(envelope),
         ProofRecord(claims=claims, signature=SIGNER.sign(PROOF_DOMAIN, claims)),
     )
 
@@ -304,7 +302,7 @@ def _status(ledger: Ledger, request_id: str) -> tuple[str, str | None]:
 
 
 def test_proofs_link_to_results_in_either_order(ledger: Ledger) -> None:
-    assert isinstance(ledger, SqliteLedger | PostgresLedger) and ledger.schema_version == 4
+    assert isinstance(ledger, SqliteLedger | PostgresLedger) and ledger.schema_version >= 4
     record_a, proof_a = _result("req-a", 0.5)
     record_b, proof_b = _result("req-b", 0.25)
     # Result first, then its proof: verified at once; a redelivery changes nothing.

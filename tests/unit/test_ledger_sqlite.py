@@ -151,8 +151,9 @@ def test_reopening_keeps_rows_and_schema_version(ledger_path: Path) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
     finally:
         db.close()
-    # v1 records + rejections, v2 Merkle batches, v3 origins, v4 proofs, v5 bookings
-    assert version == 5
+    # v1 records + rejections, v2 Merkle batches, v3 origins, v4 proofs, v5 bookings,
+    # v6 published batches and chain signatures
+    assert version == 6
 
 
 def test_get_returns_row_with_parseable_envelope(ledger: SqliteLedger) -> None:
