@@ -40,6 +40,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = WorkerSettings()
     configure_logging(settings.log_level)
+    if args.processes > 1:
+        from worker.processes import run_processes
+
+        return asyncio.run(run_processes(settings, args.processes, args.ready_file))
     try:
         asyncio.run(serve(settings, args.ready_file))
     except WorkerFatal as e:
@@ -335,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run an inference worker (settings: OG_WORKER_*)")
     w.add_argument("--ready-file", type=Path)
+    w.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes in this pod, sharing its identity and consumer group "
+        "(metrics on METRICS_PORT + i)",
+    )
     w.set_defaults(func=_cmd_worker)
 
     s = sub.add_parser("settlement", help="run or inspect the settlement service (OG_SETTLEMENT_*)")

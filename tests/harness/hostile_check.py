@@ -8,9 +8,10 @@ is answered on a reply topic, under its request id, by at most one terminal repl
 or a typed error): each malformed record with a readable id gets its own error; of the copies
 of a *whole* request, the first is answered and a later one either dropped as a duplicate of
 it or (when the first was refused without running: wrong topic, refused reply topic) refused
-again; a request id never gets two results (it would be run, and booked, twice). The only dead
-letters allowed for a record with a readable id are the documented delivery failures (its
-reply topic does not exist, its error reply is too large).
+again; one node never answers a request id with two results (it would have run it twice;
+copies on partitions that different nodes own may each run once, and settlement books one).
+The only dead letters allowed for a record with a readable id are the documented delivery
+failures (its reply topic does not exist, its error reply is too large).
 
 The request id is read with the worker's own decoder (``schemas.codec.decode``): the check is
 about what the intake does with a record, not a second opinion on the schema.
@@ -125,6 +126,12 @@ def _doc(value: bytes | None) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def _node(reply: dict[str, Any]) -> str:
+    envelope = reply.get("envelope")
+    node = envelope.get("node_id") if isinstance(envelope, dict) else reply.get("node_id")
+    return str(node)
+
+
 def _leaks(where: str, messages: Iterable[Record]) -> list[str]:
     canary = CANARY.encode()
     found = []
@@ -208,9 +215,9 @@ def check(
         high = malformed + whole
         got = len(answers.get(rid, []))
         v.answered_twice += got > 1
-        results = sum(d.get("type") in RESULTS for d in answers.get(rid, []))
-        if results > 1:
-            v.problems.append(f"{rid!r}: {results} results (run more than once)")
+        ran = Counter(_node(d) for d in answers.get(rid, []) if d.get("type") in RESULTS)
+        if any(n > 1 for n in ran.values()):
+            v.problems.append(f"{rid!r}: run more than once by one node {dict(ran)}")
         lost = max(0, low - got)
         if lost:
             v.problems.append(f"{rid!r}: {got} replies for {low} owed")

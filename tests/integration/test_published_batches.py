@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from client import InferenceClient, build_request
-from infra.dev.anvil import AnvilProcess, dev_private_key, running_anvil
+from infra.dev.anvil import DEV_ACCOUNTS, AnvilProcess, dev_private_key, running_anvil
 from infra.dev.broker import BrokerProcess
 from nodecli.main import main
 from schemas import InferenceResult, MLInput, Tensor, Topics, encode
@@ -40,7 +41,7 @@ from schemas.batches import (
     published_batch,
 )
 from schemas.merkle import LEAF_TYPES, leaf_values
-from settlement.chain import SettlementChain
+from settlement.chain import ChainError, SettlementChain
 from settlement.ledger import open_ledger
 from settlement.settings import SettlementSettings
 from tests.harness.admission import AdmissionFile
@@ -411,3 +412,40 @@ async def test_a_crash_between_anchoring_and_publishing_publishes_on_restart(
     reply_file.write_bytes(encode(replies[1]))
     code, checks = await _verify(_verify_args(reply_file, file, anvil, contract, admission), capsys)
     assert code == 0 and all(checks.values())
+
+
+async def test_the_batch_index_is_read_with_the_nonce_a_pending_relayer_tx_defers_anchoring(
+    anvil: AnvilProcess,
+) -> None:
+    """``batchRef`` names the index the contract will give the batch: it is read at one block
+    with the nonce the transaction is signed with, and while a relayer transaction is pending
+    (it would take that index first) nothing is signed."""
+    contract = await deploy_settlement(anvil)
+    chain = await SettlementChain.connect(chain_settings(anvil, contract))
+    w3 = AsyncWeb3(AsyncHTTPProvider(anvil.rpc_url))
+    asked: list[int] = []
+
+    def ref_at(index: int) -> bytes:
+        asked.append(index)
+        return hashlib.sha256(f"document of batch {index}".encode()).digest()
+
+    try:
+        await chain.settle_batch(hashlib.sha256(b"first").digest(), 1, ref_at)
+        await w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+        try:
+            relayer = w3.to_checksum_address(DEV_ACCOUNTS[0])
+            await w3.eth.send_transaction({"from": relayer, "to": relayer, "value": 0})
+            with pytest.raises(ChainError) as refused:
+                await chain.settle_batch(hashlib.sha256(b"second").digest(), 2, ref_at)
+            assert refused.value.reason == "RelayerBusy"
+            await w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        finally:
+            await w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
+        anchored = await chain.settle_batch(hashlib.sha256(b"second").digest(), 2, ref_at)
+    finally:
+        await chain.close()
+        await w3.provider.disconnect()
+    assert asked == [0, 1], "asked once per anchoring, never while the relayer was busy"
+    assert (anchored.batch_index, anchored.count) == (1, 2)
+    events = await batch_settled_events(anvil.rpc_url, contract)
+    assert events[anchored.root]["batch_ref"] == "0x" + ref_at(1).hex()
