@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,11 +89,11 @@ def smokes(
             smoke.proc.communicate()
 
 
-def _section(smoke: Smoke, name: str) -> dict[str, object]:
+def _section(smoke: Smoke, name: str) -> dict[str, Any]:
     document = json.loads(smoke.results.read_text())
     assert set(document["summary"]) == set(SUMMARY_KEYS)
     assert all(v is None or isinstance(v, int | float) for v in document["summary"].values())
-    section: dict[str, object] = document[name]
+    section: dict[str, Any] = document[name]
     assert section["smoke"] is True
     return section
 
@@ -121,20 +122,19 @@ def test_bench_smoke(bench: str, smokes: dict[str, Smoke]) -> None:
     summary = json.loads(smoke.results.read_text())["summary"]
     if bench == "intake":
         t = section["throughput"]
-        assert isinstance(t, dict)
         assert t["rps"]["worker"][0] > 0 and t["rps"]["raw"][0] > 0 and t["rps"]["floor"][0] > 0
         assert summary["worker_rps"] == t["rps_median"]["worker"]
         assert summary["processes_2_speedup"] is None
         # The settlement benchmark keys its records as the worker really does.
         assert t["settlement_keying"] == WORKER_KEYING
     elif bench == "latency":
-        (config,) = section["configs"]  # type: ignore[misc]
+        (config,) = section["configs"]
         assert config["worker_stages"]["pipeline"]["count"] > 0
         assert summary["added_latency_p50_ms"] == config["added_p50_ms"]
     elif bench == "settlement":
-        assert section["verification"]["per_record_us"] > 0  # type: ignore[index]
+        assert section["verification"]["per_record_us"] > 0
         assert summary["settlement_records_per_s_sqlite"] > 0
     elif bench == "models":
-        assert section["worker_rps"] > 0  # type: ignore[operator]
+        assert section["worker_rps"] > 0
     elif bench == "attestation":
-        assert len(section["rows"]) >= 7  # type: ignore[arg-type]
+        assert len(section["rows"]) >= 7
