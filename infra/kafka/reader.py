@@ -79,10 +79,15 @@ class TopicReader:
                 await self._caught_up.wait()
 
     async def stop(self) -> None:
+        """Stop reading; a reader that died already (``failure``, reported then) stops quietly."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                try:
+                    await self._task
+                except Exception:
+                    if self.failure is None:
+                        raise
         await self._consumer.stop()
 
     async def wait_for_change(self, version: int, timeout_s: float) -> bool:

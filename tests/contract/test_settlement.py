@@ -250,6 +250,41 @@ class SettlementContract:
             reopened.close()
         assert await kafka.committed(group, topics.settlement) == ends
 
+    async def test_a_registry_reader_that_dies_stops_settlement_before_it_commits_anything(
+        self, kafka: KafkaEnv, tmp_path: Path
+    ) -> None:
+        # Rejections judged on a registry view that stopped moving may be wrong (a node's
+        # fresh heartbeat never seen): settlement must not commit them, nor anything after.
+        topics = await kafka.new_namespace([MODEL])
+        await register(kafka, topics, NODE_A)
+        audited = AuditedKafka(kafka.kafka)
+        run = SettlementRun(
+            kafka, topics, tmp_path / "ledger.sqlite3", admitted=[NODE_A], kafka=audited
+        )
+        service = await run.start()
+        first = [signed_record(NODE_A, rid) for rid in ids("before", 3)]
+        await publish(kafka, topics, first)
+        group = service.settings.group_id
+        ends = await settlement_ends(kafka, topics, len(first))
+
+        async def settled() -> bool:
+            return await kafka.committed(group, topics.settlement) == ends
+
+        await kafka.wait_until(settled, "the first records settled and committed")
+        (registry_reader,) = audited.readers
+        registry_reader.fail_fetches()
+        await kafka.wait_until(lambda: not service.ready, "readiness fails with the reader")
+        await publish(kafka, topics, [signed_record(NODE_A, rid) for rid in ids("after", 3)])
+        await kafka.wait_until(lambda: run.task.done(), "settlement stopped")
+        with pytest.raises(SettlementFatal):
+            await run.stop()
+        reopened = open_ledger(str(tmp_path / "ledger.sqlite3"))
+        try:
+            assert reopened.count() == 3 and reopened.rejection_counts() == {}
+        finally:
+            reopened.close()
+        assert await kafka.committed(group, topics.settlement) == ends
+
     async def test_a_crash_between_ledger_write_and_commit_redelivers_as_a_no_op(
         self, kafka: KafkaEnv, tmp_path: Path
     ) -> None:

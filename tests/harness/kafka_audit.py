@@ -56,13 +56,20 @@ class AuditedConsumer(Consumer):
         self._on_fetch = on_fetch
         self._on_commit = on_commit
         self._failing_commits = 0
+        self._failing_fetches = False
 
     def fail_commits(self, count: int) -> None:
         self._failing_commits = count
 
+    def fail_fetches(self) -> None:
+        """Every fetch from now on raises ``BrokerUnavailable`` (a reader that dies)."""
+        self._failing_fetches = True
+
     async def getmany(
         self, *, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[Record]]:
+        if self._failing_fetches:
+            raise BrokerUnavailable("fetch failed (injected)")
         batches = await self.inner.getmany(timeout_ms=timeout_ms, max_records=max_records)
         if batches:
             self._on_fetch(batches)
@@ -169,7 +176,8 @@ class AuditedProducer(Producer):
 
 class AuditedKafka(Kafka):
     """``inner``, with its group consumers wrapped in ``AuditedConsumer`` (kept in
-    ``consumers``); group-less consumers and producers are passed through."""
+    ``consumers``); group-less consumers (topic readers) are wrapped too, without audit, and
+    kept in ``readers``; producers are passed through."""
 
     def __init__(
         self, inner: Kafka, *, on_fetch: OnFetch = _ignore, on_commit: OnCommit = _ignore
@@ -178,11 +186,14 @@ class AuditedKafka(Kafka):
         self._on_fetch = on_fetch
         self._on_commit = on_commit
         self.consumers: list[AuditedConsumer] = []
+        self.readers: list[AuditedConsumer] = []
 
     def consumer(self, group_id: str | None) -> Consumer:
         consumer = self.inner.consumer(group_id)
         if group_id is None:
-            return consumer
+            reader = AuditedConsumer(consumer)
+            self.readers.append(reader)
+            return reader
         audited = AuditedConsumer(consumer, on_fetch=self._on_fetch, on_commit=self._on_commit)
         self.consumers.append(audited)
         return audited
