@@ -31,6 +31,7 @@ import nacl.utils
 from nacl.public import PrivateKey
 from nacl.secret import SecretBox
 
+from client.requests import build_request
 from schemas import limits
 from schemas.base import SettlementMode, VerificationMode
 from schemas.canonical import canonical_bytes
@@ -227,6 +228,24 @@ def _envelope_fields(b: _Builder) -> None:
     b.error("created_negative", "bad_request", created_unix_ms=-1)
     b.error("created_huge", "bad_request", created_unix_ms=10**30)
     b.error("payer_bad_chars", "bad_request", payer=f"{CANARY} <script>")
+    # Replayed long after it was made, or dated ahead: refused before anything runs.
+    b.error("created_two_days_ago", "stale_request", created_unix_ms=_now_ms() - 2 * 86_400_000)
+    b.error("created_tomorrow", "stale_request", created_unix_ms=_now_ms() + 86_400_000)
+    # A payer's signature copied onto another request (another id, so another grant).
+    signed = json.loads(
+        encode(
+            build_request(
+                b.ctx.model,
+                MLInput.model_validate(_ml()),
+                request_id=b.rid("payer_source"),
+                payer_key=Signer(b"\x0b" * 32),
+            )
+        )
+    )
+    moved = b.request("payer_moved", payer=signed["payer"], payload=signed["payload"])
+    b.error("payer_moved", "bad_payer", raw=json.dumps(moved).encode())
+    forged = dict(signed["payer"], signature="ab" * 64)
+    b.error("payer_forged_signature", "bad_payer", payer=forged, payload=signed["payload"])
     # ``stream`` is a strict boolean: "yes" is not silently read as true.
     b.error("stream_yes_string", "bad_request", stream="yes")
 

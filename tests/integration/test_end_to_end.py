@@ -24,6 +24,8 @@ from schemas import (
     Topics,
     encode,
 )
+from schemas.results import ErrorReply
+from schemas.verify.result import verify_error
 from settlement.app import SettlementService
 from tests.harness.admission import AdmissionFile, trust_workers
 from tests.harness.support import eventually, fast_kafka, read_topic, settlement_counts
@@ -161,3 +163,44 @@ async def test_request_redelivered_to_the_same_worker_is_answered_once(
     keys = [m.key.decode() for m in replies]
     assert keys.count(request.request_id) == 1
     assert keys.count(follow_up.request_id) == 1
+
+
+async def test_another_request_reusing_an_id_gets_duplicate_request_never_silence(
+    broker: BrokerProcess,
+    namespace: str,
+    running_worker: Worker,
+    admission: AdmissionFile,
+) -> None:
+    # Someone reuses a request id with other content, on the same model or another one: the
+    # first is answered, the second gets a typed error (its sender is told), nothing is booked
+    # twice and nothing is dropped without a word.
+    topics = Topics(namespace)
+    original = build_request("demo-mlp", _ml(5), reply_to=topics.replies)
+    same_model = original.model_copy(update={"payload": _ml(6)})
+    other_model = build_request(
+        "demo-lm", _chat(7), reply_to=topics.replies, request_id=original.request_id
+    )
+    producer = AIOKafkaProducer(**fast_kafka(broker.bootstrap).producer_kwargs())
+    await producer.start()
+    try:
+        key = original.request_id.encode()
+        await producer.send_and_wait(topics.infer("demo-mlp"), encode(original), key=key)
+        await asyncio.sleep(1.0)  # answered first
+        await producer.send_and_wait(topics.infer("demo-mlp"), encode(same_model), key=key)
+        await producer.send_and_wait(topics.infer("demo-lm"), encode(other_model), key=key)
+    finally:
+        await producer.stop()
+
+    async def three_answers() -> bool:
+        return len(await read_topic(broker.bootstrap, topics.replies, idle_s=0.3)) >= 3
+
+    await eventually(three_answers, timeout_s=30)
+    docs = [json.loads(m.value) for m in await read_topic(broker.bootstrap, topics.replies)]
+    assert [d["type"] for d in docs].count("result") == 1
+    errors = [d for d in docs if d["type"] == "error"]
+    assert [e["code"] for e in errors] == ["duplicate_request", "duplicate_request"]
+    trust = trust_workers(running_worker)
+    for error in errors:
+        assert verify_error(ErrorReply.model_validate(error), trust=trust).ok
+    settled = await read_topic(broker.bootstrap, topics.settlement, idle_s=0.3)
+    assert len(settled) == 1
