@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,17 +95,17 @@ COLUMNS = [
     "crash loops",
 ]
 SMOKE = {
-    "worker_requests": 60,
+    "worker_requests": 40,
     "worker_rate": 40.0,
-    "worker_kill_every_s": 1.5,
-    "settlement_requests": 40,
+    "worker_kill_every_s": 1.0,
+    "settlement_requests": 30,
     "settlement_rate": 40.0,
-    "settlement_kill_every_s": 1.5,
+    "settlement_kill_every_s": 1.0,
     "broker_requests": 160,
     "broker_rate": 80.0,
     "broker_faults": ["partition leaders move (twice)"],
     "corpus_timeout_s": 20.0,
-    "fuzz_records": 30,
+    "fuzz_records": 25,
     "fuzz_examples": 0,
     "fuzz_timeout_s": 30.0,
 }
@@ -244,15 +245,17 @@ async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
     await asyncio.to_thread(build_demo_hub, hub)
     rows: list[Row] = []
 
-    def done(row: Row) -> None:
-        rows.append(row)
+    async def done(run: Awaitable[Row]) -> Row:
+        row = await run
         print(f"  {row.scenario}: {_cells(row)[1:]}", flush=True)
+        return row
 
     with running_broker(log_dir=work) as broker:
         b = broker.bootstrap
+        on_tansu: list[Callable[[], Awaitable[Row]]] = []
         if "workers" in args.only:
-            done(
-                await worker_kill_loop(
+            on_tansu.append(
+                lambda: worker_kill_loop(
                     b,
                     hub,
                     work,
@@ -262,8 +265,8 @@ async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
                 )
             )
         if "settlement" in args.only:
-            done(
-                await settlement_kill_loop(
+            on_tansu.append(
+                lambda: settlement_kill_loop(
                     b,
                     hub,
                     work,
@@ -273,12 +276,12 @@ async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
                 )
             )
         if "corpus" in args.only:
-            done(await corpus_scenario(b, hub, work, timeout_s=args.corpus_timeout_s))
+            on_tansu.append(lambda: corpus_scenario(b, hub, work, timeout_s=args.corpus_timeout_s))
         if "fuzz" in args.only:
             if args.fuzz_examples:
-                done(await asyncio.to_thread(fuzz_in_memory, args.fuzz_examples))
-            done(
-                await fuzz_scenario(
+                on_tansu.append(lambda: asyncio.to_thread(fuzz_in_memory, args.fuzz_examples))
+            on_tansu.append(
+                lambda: fuzz_scenario(
                     b,
                     hub,
                     work,
@@ -287,11 +290,18 @@ async def _scenarios(args: argparse.Namespace, work: Path) -> list[Row]:
                     timeout_s=args.fuzz_timeout_s,
                 )
             )
+        if args.smoke:  # side by side (own namespaces, own processes): it is a smoke test
+            rows += await asyncio.gather(*(done(scenario()) for scenario in on_tansu))
+        else:  # one at a time: the figures are measured without interference
+            for scenario in on_tansu:
+                rows.append(await done(scenario()))
     if "broker" in args.only:
         for name in args.broker_faults:
-            done(
-                await broker_fault(
-                    name, hub, work, requests=args.broker_requests, rate_per_s=args.broker_rate
+            rows.append(
+                await done(
+                    broker_fault(
+                        name, hub, work, requests=args.broker_requests, rate_per_s=args.broker_rate
+                    )
                 )
             )
     return rows

@@ -12,6 +12,7 @@ import argparse
 import json
 import shutil
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "RESULTS",
     "SUMMARY_KEYS",
     "add_run_options",
+    "cpu_busy",
     "demo_hub",
     "results_path",
     "spread",
@@ -83,6 +85,25 @@ def demo_hub(work: Path, source: Path | None) -> Path:
         shutil.copytree(source, hub)
     build_demo_hub(hub)
     return hub
+
+
+def _cpu_times() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields), idle
+
+
+def cpu_busy(interval_s: float = 0.5) -> float | None:
+    """The machine's CPU busy fraction over ``interval_s`` (every process, all cores; None
+    where /proc/stat is missing): how quiet the machine is before a measurement."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(interval_s)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return 1 - (idle1 - idle0) / total if total > 0 else None
 
 
 def summary_of(existing: Any) -> dict[str, Any]:

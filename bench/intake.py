@@ -56,6 +56,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import (
     add_run_options,
+    cpu_busy,
     demo_hub,
     results_path,
     spread,
@@ -314,7 +315,9 @@ async def throughput(
     runs: dict[str, list[Run]] = {side: [] for side in SIDES}
     signer_seed = hashlib.sha256(b"bench-floor").digest()
     crypto = crypto_floor(Signer(signer_seed), ChainSigner(signer_seed))
+    busy: list[float | None] = []
     for i in range(repeats):
+        busy.append(await asyncio.to_thread(cpu_busy))
         run = await run_worker(bootstrap, hub, MODEL, messages, PARTITIONS, WINDOW, work)
         runs["worker"].append(run)
         shape = Shape.of(run.replies, run.records)
@@ -339,6 +342,7 @@ async def throughput(
         "requests": n,
         "repeats": repeats,
         "partitions": PARTITIONS,
+        "cpu_busy_before": busy,
         "rps": rps,
         "rps_median": med,
         "steady_rps": steady,

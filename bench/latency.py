@@ -33,7 +33,9 @@ The shipped setting is measured too, at 50 % only (``--shipped-fractions``).
 
 A quiet run: run it on an otherwise idle machine. Both services run as separate processes on
 the same broker and machine as the load generator (on a 2-core machine they compete with it
-for CPU, which shows in the tails); the 1-minute load average before each run is recorded.
+for CPU, which shows in the tails). Before each run the machine's CPU busy fraction (all
+processes, 0.5 s from /proc/stat) and the 1-minute load average are recorded; a run that
+starts on a machine more than 25 % busy is flagged.
 """
 
 from __future__ import annotations
@@ -55,7 +57,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.chaos_support import MODEL, Child, new_namespace, requests_for, start_all, worker_env
-from bench.common import add_run_options, demo_hub, results_path, spread, table, write_section
+from bench.common import (
+    add_run_options,
+    cpu_busy,
+    demo_hub,
+    results_path,
+    spread,
+    table,
+    write_section,
+)
 from bench.rawloop import RawLoop, Shape
 from infra.dev.broker import free_port, running_broker
 from infra.kafka import KafkaSettings
@@ -69,6 +79,8 @@ TARGET_P99_MS = 20.0
 SHIPPED_FETCH_WAIT_MS = KafkaSettings().fetch_max_wait_ms
 _CLIENT_FETCH_WAIT_MS = 10
 """The load generator's own reply reader: short, so it adds little to either side."""
+QUIET_CPU_BUSY = 0.25
+"""Busier than this before a run (every process, all cores) and the run is flagged."""
 STAGES = {
     "queue_wait": ("og_worker_queue_wait_seconds", None),
     "pipeline": ("og_worker_inference_seconds", None),
@@ -357,6 +369,9 @@ async def one_run(
     run = work / topics.namespace
     service, port = _service(side, bootstrap, topics, hub, run, wait_ms, shape)
     load_1m = os.getloadavg()[0]
+    busy = await asyncio.to_thread(cpu_busy)
+    if busy is not None and busy > QUIET_CPU_BUSY:
+        print(f"  warning: the machine is {busy:.0%} busy before this run", flush=True)
     await start_all([service])
     try:
         await asyncio.sleep(args.settle_s)  # let the group settle before the clock starts
@@ -364,6 +379,7 @@ async def one_run(
     finally:
         await service.terminate(20)
     result["load_1m_before"] = load_1m
+    result["cpu_busy_before"] = busy
     return result
 
 

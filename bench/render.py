@@ -26,6 +26,14 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
+def quietness(busy: list[float | None] | None) -> str:
+    """How busy the machine was before each repetition (all processes, all cores)."""
+    got = [b for b in busy or [] if b is not None]
+    if not got:
+        return "CPU busy before the runs: not recorded"
+    return f"CPU busy before each repetition (all processes): {min(got):.0%}-{max(got):.0%}"
+
+
 def render_intake(r: dict[str, Any]) -> str:
     t = r["throughput"]
     names = {
@@ -53,7 +61,8 @@ def render_intake(r: dict[str, Any]) -> str:
     out = [
         f"{t['requests']:,} requests per run, {t['partitions']} partitions, {t['repeats']} runs "
         f"of each side, alternating (req/s, median (min-max)). Replies {t['reply_bytes']} B, "
-        f"settlement records {t['record_bytes']} B keyed by {t['settlement_keying']}.",
+        f"settlement records {t['record_bytes']} B keyed by {t['settlement_keying']}. "
+        f"{quietness(t.get('cpu_busy_before'))}.",
         "",
         table(["side", "req/s", "worker / side", "req/s, middle 80 %", "worker / side"], rows),
         "",
@@ -116,14 +125,20 @@ def render_latency(r: dict[str, Any]) -> str:
             cells.append("-" if s is None else f"{s['mean_ms']:.1f} / {s['p99_ms']:.0f}")
         client = c["median"]["worker"]
         stage_rows.append([_load(c), *cells, f"{client['mean_ms']:.1f} / {client['p99_ms']:.0f}"])
-    loads = [x["load_1m_before"] for c in r["configs"] for s in c["runs"].values() for x in s]
+    before = [x for c in r["configs"] for side in c["runs"].values() for x in side]
+    busy = [x["cpu_busy_before"] for x in before if x.get("cpu_busy_before") is not None]
+    quiet = (
+        f"CPU busy before each run (all processes): {min(busy):.0%}-{max(busy):.0%} "
+        f"over {len(busy)} runs"
+        if busy
+        else "CPU busy before the runs: not recorded"
+    )
     return "\n".join(
         [
             f"Peak {r['peak_rps']:.0f} req/s (one worker process); open loop, {r['repeats']} x "
             f"{r['duration_s']:.0f} s per side and load, sides alternating. Milliseconds, "
             f"median (min-max) over runs. Targets at 50 %: added p50 <= {r['target_p50_ms']:.0f}, "
-            f"p99 <= {r['target_p99_ms']:.0f}. 1-minute load average before the runs: "
-            f"{min(loads):.2f}-{max(loads):.2f} ({len(loads)} runs).",
+            f"p99 <= {r['target_p99_ms']:.0f}. {quiet}.",
             "",
             table(
                 [
@@ -191,7 +206,8 @@ def render_settlement(r: dict[str, Any]) -> str:
             f"{r['records']:,} records of {r['record_bytes']} B from one node, settlement topic "
             f"of {r['settlement_partitions']} partitions, {r['repeats']} runs (records/s, median "
             f"(min-max)). The worker keys settlement records by **{r['worker_keying']}**. "
-            f"Target: SQLite, one consumer, >= {target} records/s.",
+            f"Target: SQLite, one consumer, >= {target} records/s. "
+            f"{quietness(r.get('cpu_busy_before'))}.",
             "",
             table(
                 [

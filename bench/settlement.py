@@ -53,7 +53,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.chaos_support import Child, fast_kafka, new_namespace, settlement_env
-from bench.common import add_run_options, results_path, spread, table, write_section
+from bench.common import (
+    add_run_options,
+    cpu_busy,
+    results_path,
+    spread,
+    table,
+    write_section,
+)
 from infra.dev.broker import running_broker
 from infra.kafka import KafkaSettings
 from schemas import encode
@@ -319,8 +326,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     plan = SMOKE_PLAN if args.smoke else [(b, c, k) for b in BACKENDS for c, k in CONFIGS]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {b: {} for b in BACKENDS}
     store: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    busy: list[float | None] = []
     with running_broker(log_dir=work) as broker:
         for i in range(args.repeats):
+            busy.append(await asyncio.to_thread(cpu_busy))
             for backend, consumers, keying in plan:
                 result = await run_service(
                     broker.bootstrap, work, backend, consumers, keying, records
@@ -350,6 +359,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "record_bytes": round(statistics.mean(len(r) for r in raws)),
         "sign_records_per_s": len(records) / sign_s,
         "worker_keying": WORKER_KEYING,
+        "cpu_busy_before": busy,
         "runs": runs,
         "records_per_s_median": medians,
         "two_consumers_speedup": {b: _speedup(medians[b], WORKER_KEYING) for b in BACKENDS},

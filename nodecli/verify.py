@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--contract",
-        help="the Settlement contract (--published-batch; default: the local stack's)",
+        help="the Settlement contract a proof must be anchored on (--inclusion, "
+        "--published-batch; default: the local stack's)",
     )
     parser.add_argument("--chain-id", type=int, default=31337, help="for --contract")
 
@@ -200,7 +201,8 @@ def run_verify(args: argparse.Namespace) -> int:
     if proof is not None:
         from settlement.inclusion import check_inclusion
 
-        report["checks"] += asyncio.run(check_inclusion(proof, args.rpc_url, result))
+        trusted = _contract(args)
+        report["checks"] += asyncio.run(check_inclusion(proof, args.rpc_url, result, trusted))
         report["request_id"] = report.get("request_id") or proof.get("request_id")
     if published is not None and result is not None and contract is not None:
         from settlement.chain import ChainSettings

@@ -75,19 +75,28 @@ def build_proofs(ledger: Ledger, request_id: str, chain: ChainSettings) -> list[
 
 
 async def check_inclusion(
-    data: Any, rpc_url: str, result: InferenceResult | None = None
+    data: Any, rpc_url: str, result: InferenceResult | None = None, contract: str | None = None
 ) -> list[dict[str, Any]]:
-    """Every check of a proof file, the contract's included: each ``{name, ok, detail}``."""
+    """Every check of a proof file, the contract's included: each ``{name, ok, detail}``.
+
+    ``contract`` is the Settlement contract the verifier trusts (its own setting): a proof file
+    naming another one proves nothing (anyone can deploy a contract holding any root)."""
     try:
         proof = InclusionProof.model_validate(data)
     except ValidationError as e:
         return [_row(Check("format", False, f"malformed proof file ({e.error_count()} errors)"))]
     checks = check_inclusion_offline(proof, result)
-    if proof.chain.contract_address is None:
-        return [*map(_row, checks), _row(Check("chain", False, "the proof names no contract"))]
+    named = proof.chain.contract_address
+    trusted = contract is not None and named is not None and named.lower() == contract.lower()
+    detail = "the proof's contract is the one the verifier trusts"
+    if contract is None:
+        detail = "the verifier names no trusted contract (--contract)"
+    checks.append(Check("contract", trusted, detail))
+    if not trusted:
+        return [_row(c) for c in checks]
     settings = ChainSettings(
         rpc_url=rpc_url,
-        contract_address=proof.chain.contract_address,
+        contract_address=contract,
         chain_id=proof.chain.chain_id,
     )
     checks += await _on_chain(proof, settings)

@@ -27,6 +27,7 @@ from typing import Protocol
 from infra.kafka.ports import Producer
 from schemas.batches import PublishedBatch, batch_bytes, batch_key, batch_ref, published_batch
 from schemas.merkle import LEAF_TYPES, leaf_hash, leaf_values
+from schemas.topics import HEADER_SCHEMA_VERSION
 from settlement.ledger.base import BatchRow, Ledger, LedgerError
 
 __all__ = [
@@ -122,7 +123,12 @@ class TopicSink:
         self.topic = topic
 
     async def deliver(self, batch: PublishedBatch, data: bytes) -> None:
-        await self.producer.send_and_wait(self.topic, data, key=batch_key(batch.batch_index))
+        await self.producer.send_and_wait(
+            self.topic,
+            data,
+            key=batch_key(batch.batch_index),
+            headers=[(HEADER_SCHEMA_VERSION, str(batch.schema_version).encode())],
+        )
 
 
 class BatchPublisher:

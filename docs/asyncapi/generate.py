@@ -154,15 +154,26 @@ CHANNELS = (
         id="registry",
         address="{namespace}.registry",
         title="Node registry",
-        description="Compacted: the latest signed registration (with heartbeat) of each node, "
-        "and revocations.",
+        description="Compacted: the latest signed registration (with heartbeat and sequence "
+        "number) of each node. Anyone may write here: a registration is a claim, trusted only "
+        "for a node the admission source (NodeRegistry contract or pinned authority list) "
+        "admits, and only when it is fresh by the reader's own clock (PROTOCOL.md).",
         modules=("schemas.registry",),
-        key={
-            "type": "string",
-            "description": "The node id for registrations, revocation:<node id> for revocations.",
-        },
+        key={"type": "string", "description": "The node id."},
         headers="RegistryHeaders",
         topic_spec="registry",
+    ),
+    Channel(
+        id="publishedBatches",
+        address="{namespace}.batches",
+        title="Published batches",
+        description="Compacted, never expired: the leaves of each batch settlement anchored. "
+        "The message bytes are the RFC 8785 document whose sha256 is the batch's batchRef on "
+        "chain; anyone can rebuild the tree and prove a result's inclusion from it.",
+        modules=("schemas.batches",),
+        key={"type": "string", "description": "The batch index on chain, in decimal."},
+        headers="RegistryHeaders",
+        topic_spec="batches",
     ),
 )
 
@@ -429,6 +440,13 @@ def build_document() -> dict[str, Any]:
             "bindings": group("og-settlement"),
         },
     }
+    if by_channel["publishedBatches"]:
+        operations["sendPublishedBatch"] = {
+            "action": "send",
+            "title": "Settlement service: publish each anchored batch's leaves",
+            "channel": {"$ref": "#/channels/publishedBatches"},
+            "messages": refs("publishedBatches"),
+        }
     if by_channel["registry"]:
         operations["sendRegistration"] = {
             "action": "send",

@@ -122,6 +122,7 @@ async def test_ensure_topics_creates_standard_topics_once(
         f"{namespace}.settlement": 4,
         f"{namespace}.dlq": 1,
         f"{namespace}.registry": 1,
+        f"{namespace}.batches": 1,
     }
     assert {s.name: s.partitions for s in specs} == expected
 
