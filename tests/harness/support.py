@@ -84,6 +84,17 @@ async def register_node(
         await producer.stop()
 
 
+def settlement_rejections(service: Any) -> dict[str, float]:
+    """A running ``SettlementService``'s rejected record counts by reason (its own metrics)."""
+    return {
+        sample.labels["reason"]: sample.value
+        for metric in service.metrics.registry.collect()
+        if metric.name == "og_settlement_rejections"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.value
+    }
+
+
 def settlement_counts(service: Any) -> dict[str, float]:
     """What a running ``SettlementService`` has done, read from its own metrics registry:
     ``verified``, ``stored`` and ``rejected`` record counts."""

@@ -46,7 +46,7 @@ from schemas.topics import standard_topics
 from settlement.app import SettlementService
 from settlement.settings import SettlementSettings
 from tests.harness.admission import AdmissionFile, trust_in
-from tests.harness.support import eventually, fast_kafka, read_topic, settlement_counts
+from tests.harness.support import eventually, fast_kafka, read_topic, settlement_rejections
 from worker.app import Worker
 from worker.engines.base import Engine, EngineResult, RunContext
 from worker.engines.fixed import FixedLatencyEngine
@@ -734,7 +734,10 @@ async def test_sigkill_and_restart_answers_all_2000_and_settles_each_once_per_no
         assert sum(len(r) for r in rows.values()) == ledger.count() == len(settled)
         assert {(row["request_id"], row["node_id"]) for r in rows.values() for row in r} == settled
         assert all(len({row["output_hash"] for row in r}) == 1 for r in rows.values())
-        assert settlement_counts(settlement)["rejected"] == 0
+        # The only refusals: a restarted victim that re-answered offsets it had not committed
+        # publishes a second record for (request, its node) in another message, booked once
+        # and refused as a replay (how many depends on where the kill landed).
+        assert set(settlement_rejections(settlement)) <= {"replay"}
     finally:
         for child in children:
             child.kill()
