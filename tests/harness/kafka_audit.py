@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from infra.kafka.ports import (
     BrokerUnavailable,
@@ -19,10 +19,10 @@ from infra.kafka.ports import (
     Headers,
     Kafka,
     Producer,
-    RebalanceListener,
     Record,
     TopicPartition,
 )
+from tests.harness.forwarding import ForwardingConsumer
 
 __all__ = ["AuditedConsumer", "AuditedKafka", "AuditedProducer", "request_id_of"]
 
@@ -48,11 +48,11 @@ def request_id_of(value: bytes | None) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-class AuditedConsumer(Consumer):
+class AuditedConsumer(ForwardingConsumer):
     def __init__(
         self, inner: Consumer, *, on_fetch: OnFetch = _ignore, on_commit: OnCommit = _ignore
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._on_fetch = on_fetch
         self._on_commit = on_commit
         self._failing_commits = 0
@@ -81,53 +81,6 @@ class AuditedConsumer(Consumer):
             raise BrokerUnavailable("injected: the process died before its commit")
         self._on_commit(offsets)
         await self.inner.commit(offsets)
-
-    # -- passed through --------------------------------------------------------------------
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    def subscribe(self, topics: Sequence[str], listener: RebalanceListener | None = None) -> None:
-        self.inner.subscribe(topics, listener)
-
-    def assign(self, partitions: Iterable[TopicPartition]) -> None:
-        self.inner.assign(partitions)
-
-    def assignment(self) -> set[TopicPartition]:
-        return self.inner.assignment()
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return await self.inner.partitions_for(topic)
-
-    def pause(self, *partitions: TopicPartition) -> None:
-        self.inner.pause(*partitions)
-
-    def resume(self, *partitions: TopicPartition) -> None:
-        self.inner.resume(*partitions)
-
-    async def committed(self, partition: TopicPartition) -> int | None:
-        return await self.inner.committed(partition)
-
-    async def position(self, partition: TopicPartition) -> int:
-        return await self.inner.position(partition)
-
-    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return await self.inner.end_offsets(partitions)
-
-    async def lag(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return await self.inner.lag(partitions)
-
-    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
-        await self.inner.seek_to_beginning(*partitions)
-
-    async def seek_to_end(self, *partitions: TopicPartition) -> None:
-        await self.inner.seek_to_end(*partitions)
-
-    def seek(self, partition: TopicPartition, offset: int) -> None:
-        self.inner.seek(partition, offset)
 
 
 class AuditedProducer(Producer):

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from infra.kafka.ports import (
     BrokerUnavailable,
     Consumer,
-    RebalanceListener,
     Record,
     TopicPartition,
 )
+from tests.harness.forwarding import ForwardingConsumer
 
 __all__ = ["METHODS", "How", "Method", "StuckConsumer"]
 
@@ -31,9 +31,9 @@ How = Literal["block", "raise", "bug"]
 METHODS: tuple[Method, ...] = ("getmany", "commit", "lag")
 
 
-class StuckConsumer(Consumer):
+class StuckConsumer(ForwardingConsumer):
     def __init__(self, inner: Consumer) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: Counter[str] = Counter()
         self.entered: dict[str, asyncio.Event] = {m: asyncio.Event() for m in METHODS}
         self.committed_offsets: list[dict[TopicPartition, int]] = []
@@ -73,47 +73,3 @@ class StuckConsumer(Consumer):
     async def lag(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         await self._maybe_stuck("lag")
         return await self.inner.lag(partitions)
-
-    # -- passed through --------------------------------------------------------------------
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    def subscribe(self, topics: Sequence[str], listener: RebalanceListener | None = None) -> None:
-        self.inner.subscribe(topics, listener)
-
-    def assign(self, partitions: Iterable[TopicPartition]) -> None:
-        self.inner.assign(partitions)
-
-    def assignment(self) -> set[TopicPartition]:
-        return self.inner.assignment()
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return await self.inner.partitions_for(topic)
-
-    def pause(self, *partitions: TopicPartition) -> None:
-        self.inner.pause(*partitions)
-
-    def resume(self, *partitions: TopicPartition) -> None:
-        self.inner.resume(*partitions)
-
-    async def committed(self, partition: TopicPartition) -> int | None:
-        return await self.inner.committed(partition)
-
-    async def position(self, partition: TopicPartition) -> int:
-        return await self.inner.position(partition)
-
-    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return await self.inner.end_offsets(partitions)
-
-    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
-        await self.inner.seek_to_beginning(*partitions)
-
-    async def seek_to_end(self, *partitions: TopicPartition) -> None:
-        await self.inner.seek_to_end(*partitions)
-
-    def seek(self, partition: TopicPartition, offset: int) -> None:
-        self.inner.seek(partition, offset)
