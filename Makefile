@@ -86,7 +86,7 @@ $(VLLM_VENV)/.project: $(VLLM_VENV)/.installed pyproject.toml
 test-vllm: $(VLLM_VENV)/.project
 	$(VLLM_BIN)/python -m pytest tests/vllm
 
-# Every benchmark (~15 min on 2 cores, plus vLLM), then BENCHMARKS.md. On a quiet machine: the
+# Every benchmark (~17 min on 2 cores, plus vLLM), then BENCHMARKS.md. On a quiet machine: the
 # figures are compared with baselines measured in the same run, but the tails move with load.
 # BENCH_VLLM=0 leaves bench/vllm.json as it is (its venv and run take long on a CPU).
 # Each module also has a --smoke mode, run by tests/integration/test_bench_smoke.py.
@@ -94,6 +94,7 @@ BENCH_VLLM ?= 1
 
 bench: install
 	$(BIN)/python -m bench.intake
+	$(BIN)/python -m bench.processes
 	$(BIN)/python -m bench.settlement
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.models

@@ -473,7 +473,6 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "worker_rps": t["rps_median"]["worker"],
         "worker_vs_raw_ratio": t["worker_vs_raw_ratio"],
         "worker_vs_floor_ratio": t["worker_vs_floor_ratio"],
-        "processes_2_speedup": None,  # no --processes worker option yet
         "window64_efficiency": window64[0]["efficiency"] if window64 else None,
     }
 

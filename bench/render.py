@@ -1,5 +1,5 @@
-"""Markdown for the benchmark sections ``bench.report`` puts in BENCHMARKS.md: intake, latency,
-settlement, attestation, models and ZKML (each from the section its module writes into
+"""Markdown for the benchmark sections ``bench.report`` puts in BENCHMARKS.md: intake, processes,
+latency, settlement, attestation, models and ZKML (each from the section its module writes into
 ``bench/results.json``, or ``bench/zkml.json``)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ __all__ = [
     "render_intake",
     "render_latency",
     "render_models",
+    "render_processes",
     "render_settlement",
     "render_zkml",
     "verdict",
@@ -94,6 +95,43 @@ def render_intake(r: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(out)
+
+
+def render_processes(r: dict[str, Any]) -> str:
+    """``bench.processes``: one pod with ``--processes 1`` and ``--processes 2``."""
+    one, *more = list(r["rps"])  # "1", then "2"
+    per_run = spread(r["speedup_per_run"], "{:.2f}")
+    rows = [[one, spread(r["rps"][one]), spread(r["steady_rps"][one]), "-", "-"]]
+    rows += [
+        [
+            side,
+            spread(r["rps"][side]),
+            spread(r["steady_rps"][side]),
+            f"**{r['speedup']:.2f}** (per run {per_run})",
+            f"{r['steady_speedup']:.2f}",
+        ]
+        for side in more
+    ]
+    busy = [b for run in r["cpu_busy_before"].values() for b in run]
+    return "\n".join(
+        [
+            f"{r['requests']:,} requests per run, {r['partitions']} partitions, {r['repeats']} "
+            f"runs of each side, alternating, on {r['cores']} cores shared with the broker "
+            f"(req/s, median (min-max)). Target: 2 processes >= {r['target_speedup']} x one: "
+            f"{verdict(r['speedup'] >= r['target_speedup'])}. {quietness(busy)}.",
+            "",
+            table(
+                [
+                    "worker processes",
+                    "req/s",
+                    "req/s, middle 80 %",
+                    "speedup (P=2 / P=1)",
+                    "speedup, middle 80 %",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 def _load(c: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ TIMEOUT_S = 240
 
 BENCHES: dict[str, list[str]] = {
     "intake": ["--hub"],
+    "processes": ["--hub"],
     "latency": ["--hub"],
     "settlement": [],
     "models": ["--hub"],
@@ -102,6 +103,7 @@ def _section(smoke: Smoke, name: str) -> dict[str, Any]:
     "bench",
     [
         "intake",
+        "processes",
         "latency",
         pytest.param("settlement", marks=pytest.mark.postgres),
         "models",
@@ -124,9 +126,11 @@ def test_bench_smoke(bench: str, smokes: dict[str, Smoke]) -> None:
         t = section["throughput"]
         assert t["rps"]["worker"][0] > 0 and t["rps"]["raw"][0] > 0 and t["rps"]["floor"][0] > 0
         assert summary["worker_rps"] == t["rps_median"]["worker"]
-        assert summary["processes_2_speedup"] is None
         # The settlement benchmark keys its records as the worker really does.
         assert t["settlement_keying"] == WORKER_KEYING
+    elif bench == "processes":
+        assert all(section["rps"][side][0] > 0 for side in ("1", "2"))
+        assert summary["processes_2_speedup"] == section["speedup"]
     elif bench == "latency":
         (config,) = section["configs"]
         assert config["worker_stages"]["pipeline"]["count"] > 0
