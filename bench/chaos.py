@@ -77,6 +77,7 @@ from schemas.sealing import NodeSealer
 from schemas.topics import Topics
 from tests.harness.corpus import CANARY, CorpusContext, hostile_corpus
 from tests.harness.outcomes import TopicTap, classify_requests, classify_settlement, send_corpus
+from worker.modelstore.local_hub import LocalHub
 from worker.trust.keys import load_or_create_seed
 
 HERE = Path(__file__).resolve().parent
@@ -128,6 +129,7 @@ async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: f
         model=MODEL,
         node_seed=load_or_create_seed(keys / "node_ed25519.key"),
         chain_key=load_or_create_seed(keys / "node_secp256k1.key"),
+        model_digest=LocalHub(hub).resolve(MODEL).digest,
     )
     cases = hostile_corpus(ctx)
     loops: list[str] = []
@@ -343,6 +345,17 @@ def totals(rows: list[Row]) -> tuple[int, int, int]:
     )
 
 
+def surprises(rows: list[Row]) -> list[str]:
+    """What a smoke run must not show beyond the totals: a case answered otherwise than the
+    corpus expects (the check it names did not run), request data in clear in the DLQ or logs."""
+    found = []
+    for row in rows:
+        for key in ("mismatches", "dlq_entries_with_canary_in_clear", "logs_with_canary"):
+            if row.notes.get(key):
+                found.append(f"{row.scenario}: {key}")
+    return found
+
+
 def markdown(rows: list[Row], runtime_s: float) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
@@ -442,7 +455,7 @@ def main() -> None:
         replace_section(args.markdown, CHAOS_START, CHAOS_END, table)
     print()
     print(table)
-    if args.smoke and any(totals(rows)):
+    if args.smoke and (any(totals(rows)) or surprises(rows)):
         sys.exit(1)
 
 

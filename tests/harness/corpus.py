@@ -84,6 +84,9 @@ class CorpusContext:
     chain_key: bytes | None = None
     """The worker's secp256k1 key (its records' chain signatures); None: derived from the
     seed as ``tests.harness.nodes.TestNode`` does."""
+    model_digest: str | None = None
+    """The digest the worker registered for ``model``: a record naming any other is refused as
+    ``unregistered_model`` before the check a case is about. None: ``TestNode``'s default."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
@@ -403,6 +406,7 @@ def _settlement(b: _Builder) -> None:
     def record(name: str, signer: TestNode, **env: Any) -> SettlementRecord:
         fields: dict[str, Any] = {
             "model_id": b.ctx.model,
+            **({"model_digest": b.ctx.model_digest} if b.ctx.model_digest else {}),
             "input_hash": "01" * 32,
             "output_hash": "02" * 32,
             "usage": Usage(input_tokens=4, output_tokens=0),
@@ -434,8 +438,9 @@ def _settlement(b: _Builder) -> None:
     nd("s_node_id_not_hex", _dumps(_envelope_with(doc, node_id="zz" * 32)))
     nd("s_usage_nan", _dumps(_envelope_with(doc, usage={"input_tokens": float("nan")})))
     nd("s_usage_negative", _dumps(_envelope_with(doc, usage={"input_tokens": -5})))
-    huge = _envelope_with(doc, usage={"input_tokens": 10**30, "output_tokens": 0})
-    add("s_usage_beyond_2_53", json.dumps(huge).encode(), "rejected", "bad_signature")
+    # Beyond the wire bounds, not only beyond what was signed: refused before any signature.
+    beyond = {"input_tokens": 10**30, "output_tokens": 0}
+    nd("s_usage_beyond_2_53", _dumps(_envelope_with(doc, usage=beyond)))
     tampered = _envelope_with(doc, output_hash="ff" * 32)
     add("s_tampered_envelope", json.dumps(tampered).encode(), "rejected", "bad_signature")
     wrong_chain = doc | {"chain_signature": stranger.chain.sign_digest(b"\x01" * 32)}

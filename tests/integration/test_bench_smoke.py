@@ -1,6 +1,7 @@
 """Every benchmark module keeps working: each one's ``--smoke`` mode (tiny sizes) runs end to
 end on the real broker (and, for settlement, PostgreSQL), prints its table and writes the
-section ``bench/report.py`` reads, with the headline ``summary`` in its fixed shape.
+section ``bench/report.py`` reads, with the headline ``summary`` in its fixed shape (the fault
+harness, ``bench/chaos.py``, writes its rows).
 
 The smoke runs are processes started together (most of their time is spent waiting for
 consumer-group joins and process start-up, so together they take about as long as the
@@ -37,6 +38,7 @@ BENCHES: dict[str, list[str]] = {
     "models": ["--hub"],
     "attestation": [],
     "zkml": ["--hub"],
+    "chaos": [],
 }
 """Module -> its options beyond ``--smoke`` and where its figures go (``--hub`` takes the
 session's demo hub)."""
@@ -74,7 +76,8 @@ def smokes(
         args = [sys.executable, "-m", f"bench.{bench}", "--smoke"]
         if "--hub" in BENCHES[bench]:
             args += ["--hub", str(demo_hub)]
-        args += ["--json" if bench == "zkml" else "--results", str(results)]
+        out_flag = {"zkml": "--json", "chaos": "--output"}.get(bench, "--results")
+        args += [out_flag, str(results)]
         proc = subprocess.Popen(
             args,
             cwd=ROOT,
@@ -109,6 +112,7 @@ def _section(smoke: Smoke, name: str) -> dict[str, Any]:
         "models",
         "attestation",
         "zkml",
+        "chaos",
     ],
 )
 def test_bench_smoke(bench: str, smokes: dict[str, Smoke]) -> None:
@@ -119,6 +123,16 @@ def test_bench_smoke(bench: str, smokes: dict[str, Smoke]) -> None:
     if bench == "zkml":
         rows = json.loads(smoke.results.read_text())
         assert rows and all(r["prove_s"] > 0 and r["worker_prove_s"] > 0 for r in rows)
+        return
+    if bench == "chaos":
+        # Every scenario ran; nothing lost, no crash, every hostile case answered as the corpus
+        # expects (the run exits non-zero otherwise, so this also checks what it wrote).
+        rows = json.loads(smoke.results.read_text())["rows"]
+        assert len(rows) >= 5
+        assert all(r["sent"] > 0 for r in rows)
+        assert all(r["lost"] == r["crashes"] == r["crash_loops"] == 0 for r in rows)
+        corpus = next(r for r in rows if r["scenario"].startswith("hostile corpus"))
+        assert corpus["notes"]["settlement_cases"] > 0 and not corpus["notes"]["mismatches"]
         return
     section = _section(smoke, bench)
     summary = json.loads(smoke.results.read_text())["summary"]
