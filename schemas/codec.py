@@ -187,7 +187,8 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M] | Undecodable:
     if raw is None:
         return Undecodable("empty message")
     if len(raw) > limits.MAX_MESSAGE_BYTES:
-        return Undecodable(f"message of {len(raw)} bytes exceeds {limits.MAX_MESSAGE_BYTES}")
+        # The limit only: the message's own size is the sender's, not ours to repeat.
+        return Undecodable(f"message exceeds the limit of {limits.MAX_MESSAGE_BYTES} bytes")
     problem = scan(raw)
     if problem is not None:
         return Undecodable(problem)

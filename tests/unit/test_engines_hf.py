@@ -182,6 +182,19 @@ async def test_unsupported_features_are_invalid_requests(
     assert what in info.value.message and "secret" not in info.value.message
 
 
+async def test_a_prompt_beyond_the_context_is_refused_without_its_length(lm: Engine) -> None:
+    """The refusal names the model's context, never how long the prompt was (a size taken
+    from the request: for a sealed request, more than its ciphertext length says)."""
+    assert isinstance(lm, HFCausalLMEngine) and lm._max_positions is not None
+    length = lm._max_positions + 77
+    payload = ChatInput.model_validate({"messages": [{"role": "user", "content": "x" * length}]})
+    with pytest.raises(PermanentError) as info:
+        await lm.run(payload)
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    assert f"context of {lm._max_positions} tokens" in info.value.message
+    assert not any(str(n) in info.value.message for n in range(length - 10, length + 200))
+
+
 async def test_tools_with_choice_none_and_text_format_are_fine(lm: Engine) -> None:
     payload = ChatInput.model_validate(
         {

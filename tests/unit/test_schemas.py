@@ -288,6 +288,7 @@ def test_decode_oversize_rejected_before_parsing() -> None:
     over = decode(at_limit + b" ", InferenceRequest)
     assert isinstance(over, Undecodable)
     assert "exceeds" in over.reason
+    assert str(limits.MAX_MESSAGE_BYTES + 1) not in over.reason  # never the sender's size
     assert over.request_id is None
 
 

@@ -200,8 +200,8 @@ class HFCausalLMEngine:
             room = self._max_positions - len(prompt)
             if room <= 0:
                 raise PermanentError(
-                    f"model {self._ref.name}: prompt is {len(prompt)} tokens, the model's "
-                    f"context is {self._max_positions}",
+                    f"model {self._ref.name}: the prompt does not fit the model's context of "
+                    f"{self._max_positions} tokens",
                     code=ErrorCode.BAD_REQUEST,
                     model=self._ref.name,
                 )
