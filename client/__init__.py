@@ -3,7 +3,7 @@
 from client.requests import build_request, new_request_id, parse_payload
 from client.settings import ClientSettings
 from client.streaming import check_stream, reassemble
-from client.transport import InferenceClient, NoActiveNodes, ReplyTimeout
+from client.transport import InferenceClient, NoActiveNodes, ReplyReaderStopped, ReplyTimeout
 from client.trust import ClientTrust, TrustUnavailable
 from schemas.sealing import SealedReplyError, SealedRequest, seal_request
 from schemas.verify.result import Check, Trust, VerificationReport, verify_result
@@ -14,6 +14,7 @@ __all__ = [
     "ClientTrust",
     "InferenceClient",
     "NoActiveNodes",
+    "ReplyReaderStopped",
     "ReplyTimeout",
     "SealedReplyError",
     "SealedRequest",

@@ -13,12 +13,18 @@ way before they reach ``on_chunk``.
 Sealed requests (``request_sealed``) are sealed only to nodes that are admitted and (by
 default) attested, as seen in the registry (``discover``); every reply to them is opened with
 the request's one-time key before it is verified.
+
+No message on the reply topic can stop the reader: what does not decode, open or verify is
+ignored, and a reply that makes our own verification fail unexpectedly is ignored too. An
+``on_chunk`` callback that raises fails its own request (the caller's error is its answer), not
+the reader. If the reader stops anyway (the broker failing past a retry budget), the client
+says so loudly: every pending request fails with ``ReplyReaderStopped``, so does every later
+send, and ``healthy`` turns False — never requests that silently wait for their timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +36,7 @@ from pydantic import TypeAdapter, ValidationError
 from client.trust import ClientTrust
 from infra.admission import AdmissionSettings
 from infra.kafka.client import ClusterKafka
-from infra.kafka.ports import Kafka, TopicPartition
+from infra.kafka.ports import Kafka, KafkaPortError, TopicPartition
 from infra.kafka.settings import KafkaSettings
 from schemas.codec import encode
 from schemas.registry import NodeRegistration
@@ -50,7 +56,14 @@ from schemas.verify.registry import RegistryView
 from schemas.verify.result import verify_chunk, verify_error, verify_result
 from schemas.version import SCHEMA_VERSION
 
-__all__ = ["ChunkCallback", "InferenceClient", "NoActiveNodes", "ReplyTimeout", "Terminal"]
+__all__ = [
+    "ChunkCallback",
+    "InferenceClient",
+    "NoActiveNodes",
+    "ReplyReaderStopped",
+    "ReplyTimeout",
+    "Terminal",
+]
 
 log = logging.getLogger(__name__)
 Terminal = InferenceResult | ErrorReply
@@ -60,12 +73,21 @@ _REPLY: TypeAdapter[InferenceResult | SealedResult | ErrorReply | StreamChunk | 
 )
 
 
+_READ_FAILURES_FATAL = 20
+"""Consecutive failed fetches of the reply topic before the reader gives up (backing off up to
+2 s between them: about half a minute of a broker that does not answer)."""
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
 class NoActiveNodes(LookupError):
     """No admitted (and attested, when required) node serves the model."""
+
+
+class ReplyReaderStopped(RuntimeError):
+    """The client's reader of the reply topic stopped: no reply can reach it any more."""
 
 
 class ReplyTimeout(TimeoutError):
@@ -108,6 +130,7 @@ class InferenceClient:
         self._consumer = self._kafka.consumer(None)
         self._pending: dict[str, _Pending] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._reader_error: BaseException | None = None
         self.trust = ClientTrust(
             self._kafka,
             self.topics.registry,
@@ -140,12 +163,34 @@ class InferenceClient:
         for tp in tps:  # resolve positions now: replies produced from here on are seen
             await self._consumer.position(tp)
         self._reader = asyncio.create_task(self._read())
+        self._reader.add_done_callback(self._reader_done)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the reply reader stopped or the trust facts stopped updating."""
+        return self._reader_error is None and self.trust.healthy
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._reader_error = task.exception()
+        log.error("reply reader stopped", extra={"error_type": type(self._reader_error).__name__})
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(self._stopped())
+
+    def _stopped(self) -> ReplyReaderStopped:
+        kind = type(self._reader_error).__name__
+        return ReplyReaderStopped(f"the reply reader stopped ({kind}): no reply can arrive")
+
+    def _require_reader(self) -> None:
+        if self._reader_error is not None:
+            raise self._stopped() from self._reader_error
 
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await asyncio.wait([self._reader])  # a reader that died was reported already
         await self._consumer.stop()
         await self._producer.stop()
         await self.trust.close()
@@ -169,6 +214,7 @@ class InferenceClient:
         """A future for the verified reply to ``request``, produced some other way (or
         earlier: a resumed batch job). Given only a request id (a message that may not even be
         a valid request), the reply is checked for its signer and id alone."""
+        self._require_reader()
         rid = request if isinstance(request, str) else request.request_id
         sent = None if isinstance(request, str) else request
         pending = self._pending.get(rid)
@@ -196,6 +242,7 @@ class InferenceClient:
     ) -> asyncio.Future[Terminal]:
         if request.reply_to not in (None, self.reply_to):
             raise ValueError("request names a reply topic this client does not read")
+        self._require_reader()
         if request.reply_to is None and sealed is None:
             request = request.model_copy(update={"reply_to": self.reply_to})
         future: asyncio.Future[Terminal] = asyncio.get_running_loop().create_future()
@@ -253,8 +300,19 @@ class InferenceClient:
         return sealed, await self._await(future, sealed.request, timeout_s)
 
     async def _read(self) -> None:
+        failures = 0
         while True:
-            batches = await self._consumer.getmany(timeout_ms=200)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=200)
+            except KafkaPortError as e:
+                failures += 1
+                kind = type(e).__name__
+                log.warning("reply fetch failed", extra={"error_type": kind, "attempt": failures})
+                if failures >= _READ_FAILURES_FATAL:
+                    raise
+                await asyncio.sleep(min(0.1 * failures, 2.0))
+                continue
+            failures = 0
             for records in batches.values():
                 for msg in records:
                     self._dispatch(msg.value)
@@ -275,6 +333,8 @@ class InferenceClient:
             self._route(pending, reply)
         except SealedReplyError:
             self._ignore("sealed reply does not open")
+        except Exception as e:  # our verification tripped on it (a bug): ignored, never fatal
+            self._ignore(f"unverifiable reply ({type(e).__name__})")
 
     def _route(
         self,
@@ -299,7 +359,10 @@ class InferenceClient:
                 return
             pending.stream_node = reply.node_id
             if pending.on_chunk is not None:
-                pending.on_chunk(reply)
+                try:
+                    pending.on_chunk(reply)
+                except Exception as e:  # the caller's callback: its error answers its request
+                    pending.future.set_exception(e)
             return
         if isinstance(reply, ErrorReply):
             report = verify_error(reply, pending.request, trust=trust, plaintext=plaintext)
