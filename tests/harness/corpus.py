@@ -177,7 +177,7 @@ def _framing(b: _Builder) -> None:
     # Python refuses integers of more than 4,300 digits with a plain ValueError.
     b.dlq("int_5000_digits", "not UTF-8 JSON", b'{"request_id": ' + b"7" * 5000 + b"}")
     over = json.dumps(b.request("oversize", pad=CANARY * 90_000)).encode()
-    b.dlq("oversize_1_1_mb", "message of", over[: limits.MAX_MESSAGE_BYTES + 100_000])
+    b.dlq("oversize_1_1_mb", "message exceeds", over[: limits.MAX_MESSAGE_BYTES + 100_000])
     b.dlq("not_json_600_kb", "not UTF-8 JSON", b"{" + CANARY.encode() * 46_000)
     # Just under the limit: a whole, parseable request whose padding is an unknown field.
     doc = b.request("just_under_limit")

@@ -89,9 +89,12 @@ _SECRET_VALUES = [123.456, -987.654, 31337.5, 4242.25]
                 "x": {"dtype": "float32", "shape": [1, 4], "data": _SECRET_VALUES},
                 "extra": {"dtype": "float32", "shape": [1], "data": [5555.5]},
             },
-            "extra",
+            "does not take",
         ),
-        ({"x": {"dtype": "int64", "shape": [1, 4], "data": [1234, 5678, 9012, 3456]}}, "int64"),
+        (
+            {"x": {"dtype": "int64", "shape": [1, 4], "data": [1234, 5678, 9012, 3456]}},
+            "expected dtype float32",
+        ),
         ({"x": {"dtype": "float32", "shape": [4], "data": _SECRET_VALUES}}, "rank"),
         ({"x": {"dtype": "float32", "shape": [2, 2], "data": _SECRET_VALUES}}, "shape"),
     ],
@@ -105,8 +108,8 @@ async def test_onnx_rejects_malformed_input(
         await engine.run(MLInput.model_validate({"tensors": tensors}))
     assert info.value.code is ErrorCode.BAD_REQUEST
     assert expected in info.value.message
-    for value in [*_SECRET_VALUES, 5555.5, 1234, 5678]:
-        assert str(value) not in info.value.message
+    for value in [*_SECRET_VALUES, 5555.5, 1234, 5678, "extra", "int64", "[2, 2]"]:
+        assert str(value) not in info.value.message  # nothing the request sent
 
 
 async def test_onnx_rejects_chat(demo_hub: Path, model_cache: Path) -> None:
