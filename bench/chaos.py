@@ -373,8 +373,11 @@ def markdown(rows: list[Row], runtime_s: float) -> str:
         "window is answered again by design, with the same request id. Crash loops: a "
         "process that exited on its own, was restarted, and exited again before its service "
         "made progress. The in-memory fuzzer's row counts hypothesis examples (a failing one "
-        "counts as lost); the fuzzed records' row counts records (copies of one request id "
-        "answered once count as duplicates dropped, not delivered).",
+        "counts as lost); the fuzzed records' row counts records: there several records carry "
+        "one request id on purpose (a malformed copy is owed its own typed error besides the "
+        "whole request's answer), so its duplicates are ids owed and given more than one "
+        "reply; an id given more replies than it is owed, or run twice by one node, is a "
+        "problem listed below the table.",
     ]
     for row in rows:
         problems = row.notes.get("problems")
