@@ -181,7 +181,7 @@ async def corpus_scenario(bootstrap: str, hub: Path, work: Path, *, timeout_s: f
                 if o.observed != o.expected and not o.lost
             ],
             "lost_cases": [o.name for o in observed if o.lost],
-            "dlq_entries_with_canary_in_clear": leaks,
+            "canary_in_clear": leaks,
             "logs_with_canary": [p.name for p in logs],
             "crash_details": crash_notes([worker, settlement]),
             "cases": [dataclasses.asdict(o) for o in observed],
@@ -350,7 +350,7 @@ def surprises(rows: list[Row]) -> list[str]:
     corpus expects (the check it names did not run), request data in clear in the DLQ or logs."""
     found = []
     for row in rows:
-        for key in ("mismatches", "dlq_entries_with_canary_in_clear", "logs_with_canary"):
+        for key in ("mismatches", "canary_in_clear", "logs_with_canary"):
             if row.notes.get(key):
                 found.append(f"{row.scenario}: {key}")
     return found

@@ -1,10 +1,11 @@
 """The client's reply reader against whoever writes the reply topic, in memory and on Tansu.
 
 Nothing on the reply topic may stop the reader: bytes that are not JSON, JSON that is no reply,
-a reply for nobody, and a stream chunk whose ``on_chunk`` callback raises (that request fails
-with the callback's error) all leave it serving, so a later verified reply still resolves its
-request. A reader that stops anyway (here: an error no port promises) is loud: pending requests
-fail with ``ReplyReaderStopped`` at once, later sends refuse, ``healthy`` turns False.
+a reply for nobody, a stream chunk whose ``on_chunk`` callback raises (that request fails with
+the callback's error) and a reply our own checks trip on (ignored alone) all leave it serving,
+so a later verified reply still resolves its request. A reader that stops anyway (here: an
+error no port promises) is loud: pending requests fail with ``ReplyReaderStopped`` at once,
+later sends refuse, ``healthy`` turns False.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from client import InferenceClient, ReplyReaderStopped, build_request
+from client import InferenceClient, ReplyReaderStopped, build_request, transport
 from infra.admission import AdmissionSettings
 from infra.kafka.ports import BrokerUnavailable, Producer
 from schemas.codec import encode
@@ -133,3 +135,26 @@ async def test_a_broker_hiccup_does_not_stop_the_reader(
         await _put(producer, topics, encode(error), request.request_id)
     assert isinstance(await asyncio.wait_for(pending, kafka.timeout_s), ErrorReply)
     assert client.healthy
+
+
+async def test_a_reply_the_checks_trip_on_is_ignored_and_the_reader_goes_on(
+    kafka: KafkaEnv, topics: Topics, client: InferenceClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verifier bug on one reply (here: the first check raises) ignores that reply only."""
+    checks = iter([True])
+    real = transport.verify_error
+
+    def trips_once(*args: Any, **kwargs: Any) -> Any:
+        if next(checks, False):
+            raise KeyError("a bug in a check")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "verify_error", trips_once)
+    request = _request(topics)
+    pending = client.expect(request)
+    error = _answers().error(request.request_id, MODEL, ErrorCode.BAD_REQUEST, "refused")
+    async with kafka.producer() as producer:
+        for _ in range(2):  # the same reply twice: the first trips the check, the second counts
+            await _put(producer, topics, encode(error), request.request_id)
+    assert isinstance(await asyncio.wait_for(pending, kafka.timeout_s), ErrorReply)
+    assert client.ignored == 1 and client.healthy

@@ -281,8 +281,12 @@ def _numbers_and_tensors(b: _Builder) -> None:
     unknown_dtype = _ml()
     unknown_dtype["tensors"]["x"]["dtype"] = "complex64"
     b.error("dtype_unknown", "bad_request", payload=unknown_dtype)
-    renamed = {"kind": "ml", "tensors": {"y": _ml()["tensors"]["x"]}}
+    # Tensor names are the sender's (they may be private): a refusal must not repeat them.
+    renamed = {"kind": "ml", "tensors": {CANARY: _ml()["tensors"]["x"]}}
     b.error("tensor_wrong_name", "bad_request", payload=renamed)
+    added = _ml()
+    added["tensors"][CANARY] = {"dtype": "float32", "shape": [1], "data": [1.0]}
+    b.error("tensor_extra_name", "bad_request", payload=added)
     b.error("no_tensors", "bad_request", payload={"kind": "ml", "tensors": {}})
     b.error(
         "fixed_point_bad_decimals",

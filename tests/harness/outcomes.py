@@ -170,8 +170,8 @@ def _opened(reply: dict[str, Any], key: bytes | None) -> dict[str, Any]:
 def classify_requests(
     sent: list[Sent], replies: list[Any], dlq: list[Any]
 ) -> tuple[list[Observed], list[str]]:
-    """Per request case: what came back. Also the names of DLQ entries holding the canary in
-    clear (there must be none)."""
+    """Per request case: what came back. Also where the canary showed up: DLQ entries holding
+    it in clear, and replies (opened, when sealed) that repeat it (there must be none)."""
     by_id = terminal_replies(replies)
     dead: dict[tuple[str, int, int], list[str]] = defaultdict(list)
     leaks = []
@@ -191,6 +191,8 @@ def classify_requests(
         if e.target != "request":
             continue
         answers = by_id.get(e.request_id or "", [])
+        if any(CANARY in json.dumps(_opened(a, e.reply_key)) for a in answers):
+            leaks.append(f"reply to {s.case.name}")
         reasons = dead.get((s.topic, s.partition, s.offset), [])
         if answers:
             first = _opened(answers[0], e.reply_key)

@@ -49,7 +49,8 @@ async def _run_corpus(
     broker: BrokerProcess, topics: Topics, cases: list[Case], stopped: Callable[[], bool]
 ) -> tuple[list[Observed], list[str], list[Sent], list[dict[str, object]]]:
     """Send ``cases`` to partition 0 of the model's topic; wait until each is answered (or the
-    worker stops, or 20 s pass); what came back, DLQ leaks, what was sent, the DLQ entries."""
+    worker stops, or 20 s pass); what came back, canary leaks (DLQ entries, replies), what was
+    sent, the DLQ entries."""
     kafka = fast_kafka(broker.bootstrap)
     async with TopicTap(kafka, topics.replies) as replies, TopicTap(kafka, topics.dlq) as dlq:
         sent = await send_corpus(kafka, topics, MODEL, cases)
@@ -93,7 +94,7 @@ async def test_hostile_requests_get_their_typed_error_or_dlq_reason_and_serving_
     wrong = [(o.name, o.expected, o.observed, o.answers) for o in observed if not o.ok]
     assert not wrong, wrong
     assert observed[-1].name == "good_request_after_the_corpus"  # answered: still serving
-    assert not leaks, "a DLQ entry holds user data in clear"
+    assert not leaks, f"user data in clear in a DLQ entry or a reply: {leaks}"
     _assert_dlq_holds_the_originals(sent, entries)
     assert CANARY not in caplog.text, "user data reached the logs"
     kinds = {o.observed.split(":")[0] for o in observed}
