@@ -76,7 +76,18 @@ from tests.harness.admission import AdmissionFile
 from worker.app import Worker, tune_gc
 from worker.settings import WorkerSettings
 
-__all__ = ["Run", "main", "run_worker", "table"]
+__all__ = [
+    "Corpus",
+    "Run",
+    "bench_kafka",
+    "corpus",
+    "main",
+    "measured_run",
+    "produce_corpus",
+    "run_namespace",
+    "run_worker",
+    "table",
+]
 
 MODEL = "demo-mlp"
 PARTITIONS = 4
@@ -91,7 +102,7 @@ GROUP_TIMEOUTS_MS = {"session": 3000, "heartbeat": 500}
 """A group join on Tansu takes about 2/3 of the session timeout; ``--smoke`` shortens it."""
 
 
-def _kafka(bootstrap: str, fetch_max_wait_ms: int | None = None) -> KafkaSettings:
+def bench_kafka(bootstrap: str, fetch_max_wait_ms: int | None = None) -> KafkaSettings:
     """The shipped client settings (``KafkaSettings``), shorter group timeouts."""
     settings = KafkaSettings(
         bootstrap_servers=bootstrap,
@@ -119,7 +130,7 @@ def corpus(n: int, model: str = MODEL) -> Corpus:
     return out
 
 
-async def _produce(kafka: KafkaSettings, topic: str, messages: Corpus) -> None:
+async def produce_corpus(kafka: KafkaSettings, topic: str, messages: Corpus) -> None:
     producer = AIOKafkaProducer(**kafka.producer_kwargs())
     await producer.start()
     try:
@@ -150,7 +161,7 @@ async def _read_all(kafka: KafkaSettings, topic: str, n: int, timeout_s: float) 
         await consumer.stop()
 
 
-async def _namespace(bootstrap: str, models: list[str], partitions: int) -> Topics:
+async def run_namespace(bootstrap: str, models: list[str], partitions: int) -> Topics:
     ns = "b" + uuid.uuid4().hex[:10]
     await ensure_topics(bootstrap, standard_topics(ns, models, request_partitions=partitions))
     return Topics(ns)
@@ -177,7 +188,7 @@ class Run:
         return round(statistics.mean(len(m.value) for m in self.records))
 
 
-async def _measured(kafka: KafkaSettings, topics: Topics, n: int) -> Run:
+async def measured_run(kafka: KafkaSettings, topics: Topics, n: int) -> Run:
     replies = await _read_all(kafka, topics.replies, n, timeout_s=60)
     records = await _read_all(kafka, topics.settlement, n, timeout_s=60)
     stamps = sorted(m.timestamp for m in replies)
@@ -213,9 +224,9 @@ async def run_worker(
     fetch_max_wait_ms: int | None = None,
 ) -> Run:
     """The worker over ``messages`` (see the module docstring)."""
-    kafka = _kafka(bootstrap, fetch_max_wait_ms)
-    topics = await _namespace(bootstrap, [model], partitions)
-    await _produce(kafka, topics.infer(model), messages)
+    kafka = bench_kafka(bootstrap, fetch_max_wait_ms)
+    topics = await run_namespace(bootstrap, [model], partitions)
+    await produce_corpus(kafka, topics.infer(model), messages)
     admission = AdmissionFile(work / "admission.json")
     settings = WorkerSettings(
         namespace=topics.namespace,
@@ -255,7 +266,7 @@ async def run_worker(
         await worker.close()
     if profiler is not None and profile is not None:
         _write_profile(profiler, profile)
-    return await _measured(kafka, topics, len(messages))
+    return await measured_run(kafka, topics, len(messages))
 
 
 def _write_profile(profiler: cProfile.Profile, path: Path) -> None:
@@ -279,9 +290,9 @@ async def run_raw(
 ) -> Run:
     """Floor A (``crypto`` None) or floor B over ``messages`` (``bench.rawloop``); with
     ``window``, the worker's per-partition window too."""
-    kafka = _kafka(bootstrap)
-    topics = await _namespace(bootstrap, [MODEL], partitions)
-    await _produce(kafka, topics.infer(MODEL), messages)
+    kafka = bench_kafka(bootstrap)
+    topics = await run_namespace(bootstrap, [MODEL], partitions)
+    await produce_corpus(kafka, topics.infer(MODEL), messages)
     loop = RawLoop(
         kafka,
         topics.infer(MODEL),
@@ -298,7 +309,7 @@ async def run_raw(
         await loop.run(lambda: loop.answered >= len(messages))
     finally:
         await loop.stop()
-    return await _measured(kafka, topics, len(messages))
+    return await measured_run(kafka, topics, len(messages))
 
 
 # -- the benchmark ----------------------------------------------------------------------------

@@ -54,11 +54,11 @@ from bench.intake import (
     PARTITIONS,
     Corpus,
     Run,
-    _kafka,
-    _measured,
-    _namespace,
-    _produce,
+    bench_kafka,
     corpus,
+    measured_run,
+    produce_corpus,
+    run_namespace,
 )
 from infra.dev.broker import running_broker
 from infra.dev.processes import log_tail
@@ -112,9 +112,9 @@ async def _wait_for_replies(kafka: KafkaSettings, topic: str, n: int, pod: Child
 
 async def run_pod(bootstrap: str, hub: Path, work: Path, messages: Corpus, processes: int) -> Run:
     """The pod with ``processes`` worker processes over ``messages`` (module docstring)."""
-    kafka = _kafka(bootstrap)
-    topics = await _namespace(bootstrap, [MODEL], PARTITIONS)
-    await _produce(kafka, topics.infer(MODEL), messages)
+    kafka = bench_kafka(bootstrap)
+    topics = await run_namespace(bootstrap, [MODEL], PARTITIONS)
+    await produce_corpus(kafka, topics.infer(MODEL), messages)
     pod = _pod(bootstrap, topics, hub, work / topics.namespace, processes)
     await start_all([pod])
     try:
@@ -124,7 +124,7 @@ async def run_pod(bootstrap: str, hub: Path, work: Path, messages: Corpus, proce
     if pod.crashes:
         crash = pod.crashes[0]
         raise RuntimeError(f"the pod exited with status {crash.rc}:\n{crash.tail}")
-    run = await _measured(kafka, topics, len(messages))
+    run = await measured_run(kafka, topics, len(messages))
     distinct = len({m.key for m in run.replies})
     if distinct < len(messages):
         # A request answered twice (redelivered across a rebalance) stands in for one not yet
